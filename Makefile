@@ -1,0 +1,24 @@
+# The README's two commands, plus the rest of the developer loop.
+.PHONY: serve stop test lint bench archive
+
+serve:  ## set up, build the default archive if missing, start TorchServe on loopback
+	scripts/serve.sh
+
+stop:  ## stop the server `make serve` started
+	scripts/stop.sh
+
+test:  ## set up (venv, pinned packages, Java) and run every test
+	scripts/bootstrap.sh test
+	.venv/bin/python -m pytest
+
+lint:
+	scripts/bootstrap.sh test
+	.venv/bin/ruff check handler scripts tests
+
+archive:  ## rebuild the default archive
+	scripts/bootstrap.sh
+	.venv/bin/python scripts/archive.py --force
+
+bench:  ## Grad-CAM engine benchmark (table + JSON in bench_results/)
+	scripts/bootstrap.sh test
+	.venv/bin/python scripts/bench_cam.py

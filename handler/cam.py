@@ -1,0 +1,485 @@
+"""Batched Grad-CAM engine, pure torch.
+
+One forward for the whole batch in which autograd records only the head above the target layer,
+one ``torch.autograd.grad`` per batch (per round of targets), the CAM methods computed from the
+same activations and gradients, and the post-processing (normalisation, upsampling into each
+image's frame, colour map, blending) done on the model's device.
+
+Nothing here imports TorchServe or PIL: the glue decodes requests and encodes responses.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "METHODS",
+    "CamEngine",
+    "CamPass",
+    "Frames",
+    "frozen",
+    "list_layers",
+    "find_target_layer",
+    "resolve_layer",
+    "cam_weights",
+    "compute_cams",
+    "jet_lut",
+    "normalize_maps",
+    "upsample_maps",
+    "to_uint8",
+    "blend",
+    "to_host",
+]
+
+METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_EPS = 1e-7
+
+
+# --------------------------------------------------------------------------- target layers
+
+
+def _named_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[int, ...], int]]:
+    """Run one dry forward and record (name, output shape, calls) for every named module.
+
+    Modules appear in the order their forward finished, so a container follows its children.
+    """
+    seen: dict[str, list] = {}
+    handles = []
+
+    def _recorder(name: str):
+        def _hook(_module, _inputs, output):
+            if name in seen:
+                seen[name][2] += 1
+            elif isinstance(output, Tensor):
+                seen[name] = [name, tuple(output.shape), 1]
+
+        return _hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(_recorder(name)))
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(n, s, c) for n, s, c in seen.values()]
+
+
+def list_layers(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """Candidate target layers: modules that output a 4-D spatial map, in execution order.
+
+    Args:
+        model: the classifier, in eval mode.
+        example: one input batch of the size the model is served at.
+
+    Returns:
+        ``(dotted name, output shape)`` pairs for modules run once per forward whose output is
+        ``(N, C, H, W)`` with ``H * W > 1``; the last one is the automatic choice.
+    """
+    return [
+        (name, shape)
+        for name, shape, calls in _named_outputs(model, example)
+        if calls == 1 and len(shape) == 4 and shape[2] * shape[3] > 1
+    ]
+
+
+def find_target_layer(model: nn.Module, example: Tensor) -> str:
+    """The last module whose output is a spatial map before global pooling (one dry forward).
+
+    Raises:
+        ValueError: if no module outputs a 4-D map larger than 1x1 at this input size.
+    """
+    candidates = list_layers(model, example)
+    if not candidates:
+        raise ValueError(
+            f"no module outputs a 4-D spatial map for input {tuple(example.shape)}: "
+            "pass the target layer by name"
+        )
+    return candidates[-1][0]
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module at a dotted name, or an error that lists the closest names.
+
+    Raises:
+        ValueError: if ``name`` names no module of ``model``.
+    """
+    modules = dict(model.named_modules())
+    if name and name in modules:
+        return modules[name]
+    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.4)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise ValueError(f"target layer '{name}' is not a module of {type(model).__name__}{hint}")
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Parameters stop requiring grad inside the block; their flags are restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _leaf_at(layer: nn.Module, store: dict) -> Iterator[None]:
+    """Re-make the layer's output a leaf that requires grad, so autograd records only the head.
+
+    The leaf is kept as the activation; the model continues on a clone of it, which keeps
+    in-place ops after the layer (``ReLU(inplace=True)``, ``out += identity``) legal and the
+    activation unmodified.
+    """
+
+    def _hook(_module, _inputs, output):
+        if not isinstance(output, Tensor):
+            raise TypeError(f"target layer outputs {type(output).__name__}, not a tensor")
+        if "activation" in store:
+            raise RuntimeError(
+                "target layer runs more than once per forward: choose a module used once"
+            )
+        leaf = output.detach().requires_grad_(True)
+        store["activation"] = leaf
+        return leaf.clone()
+
+    handle = layer.register_forward_hook(_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class CamPass:
+    """What one forward leaves: logits (graph above the target layer only) and the activation."""
+
+    logits: Tensor
+    activation: Tensor
+
+    def gradients(self, rows: Sequence[Tensor], classes: Sequence[Tensor], batched: bool) -> Tensor:
+        """d(score)/d(activation) for rounds of (image row, class) targets.
+
+        Args:
+            rows: per round, the image rows that have a target in it.
+            classes: per round, the class of each of those rows.
+            batched: one vmapped gradient pass for all rounds instead of one pass per round.
+
+        Returns:
+            ``(rounds, N, C, H, W)`` gradients; rows without a target in a round are zero.
+        """
+        rounds = len(rows)
+        if rounds == 0:
+            return self.activation.new_zeros((0, *self.activation.shape))
+        try:
+            if batched and rounds > 1:
+                seed = self.logits.new_zeros((rounds, *self.logits.shape))
+                for r, (row, cls) in enumerate(zip(rows, classes)):
+                    seed[r, row, cls] = 1.0
+                (grads,) = torch.autograd.grad(
+                    self.logits, self.activation, grad_outputs=seed, is_grads_batched=True
+                )
+                return grads
+            grads = []
+            for r, (row, cls) in enumerate(zip(rows, classes)):
+                score = self.logits[row, cls].sum()
+                (grad,) = torch.autograd.grad(
+                    score, self.activation, retain_graph=r < rounds - 1, allow_unused=False
+                )
+                grads.append(grad)
+            return torch.stack(grads)
+        except RuntimeError as exc:
+            if "does not require grad" in str(exc) or "not have been used" in str(exc):
+                raise RuntimeError("target score is not connected to the target layer") from exc
+            raise
+
+
+def _forward(model: nn.Module, layer: nn.Module, x: Tensor, autocast: torch.dtype | None) -> CamPass:
+    store: dict = {}
+    with torch.inference_mode(False), torch.enable_grad(), _leaf_at(layer, store):
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            logits = model(x)
+    if "activation" not in store:
+        raise RuntimeError("target layer did not run in the forward pass")
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise RuntimeError("the model must return (N, num_classes) logits")
+    return CamPass(logits=logits, activation=store["activation"])
+
+
+def cam_weights(method: str, activation: Tensor, grad: Tensor) -> Tensor:
+    """Raw class activation maps ``(P, H, W)``, ReLU applied, from ``(P, C, H, W)`` inputs.
+
+    - Grad-CAM (Selvaraju et al., 2017): ``alpha_k = mean_hw(dy/dA_k)``,
+      ``L = relu(sum_k alpha_k A_k)``.
+    - Grad-CAM++ (Chattopadhyay et al., 2018): ``alpha_k = sum_hw relu(g) * g^2 /
+      (2 g^2 + sum_hw(A_k) g^3)``.
+    - XGrad-CAM (Fu et al., 2020): ``alpha_k = sum_hw(g * A_k) / sum_hw(A_k)``.
+    - LayerCAM (Jiang et al., 2021): ``L = relu(sum_k relu(g) * A_k)``.
+    - HiResCAM (Draelos & Carin, 2020): ``L = relu(sum_k g * A_k)``.
+
+    The maths runs in fp32 whatever the activation's dtype.
+
+    Raises:
+        ValueError: for an unknown method.
+    """
+    a = activation.float()
+    g = grad.float()
+    if method == "gradcam":
+        cam = torch.einsum("pc,pchw->phw", g.mean(dim=(2, 3)), a)
+    elif method == "hirescam":
+        cam = (g * a).sum(dim=1)
+    elif method == "layercam":
+        cam = (g.clamp(min=0) * a).sum(dim=1)
+    elif method == "xgradcam":
+        weights = (g * a).sum(dim=(2, 3)) / (a.sum(dim=(2, 3)) + _EPS)
+        cam = torch.einsum("pc,pchw->phw", weights, a)
+    elif method == "gradcam++":
+        g2 = g.pow(2)
+        denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g + 1e-6
+        aij = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
+        weights = (g.clamp(min=0) * aij).sum(dim=(2, 3))
+        cam = torch.einsum("pc,pchw->phw", weights, a)
+    else:
+        raise ValueError(f"unknown CAM method '{method}'; choose one of {', '.join(METHODS)}")
+    return cam.clamp(min=0)
+
+
+def compute_cams(
+    model: nn.Module,
+    target_layer: str | nn.Module,
+    x: Tensor,
+    targets: Sequence[int] | Tensor,
+    method: str = "gradcam",
+) -> Tensor:
+    """Raw maps ``(N, H, W)`` of one class per image for a caller's own model.
+
+    The model's ``requires_grad`` flags are restored afterwards, hooks are removed and no
+    parameter's ``.grad`` is touched.
+
+    Raises:
+        ValueError: if ``targets`` does not hold one class per image.
+    """
+    targets = torch.as_tensor(targets, device=x.device).reshape(-1)
+    if targets.numel() != x.shape[0]:
+        raise ValueError("per-sample targets must match the batch size")
+    layer = resolve_layer(model, target_layer) if isinstance(target_layer, str) else target_layer
+    with frozen(model):
+        cam_pass = _forward(model, layer, x, None)
+        rows = torch.arange(x.shape[0], device=x.device)
+        grads = cam_pass.gradients([rows], [targets], batched=False)
+    return cam_weights(method, cam_pass.activation.detach(), grads[0])
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def jet_lut(device: torch.device | str = "cpu") -> Tensor:
+    """The 'jet' colour map as a ``(256, 3)`` uint8 lookup table (no matplotlib needed)."""
+    v = torch.linspace(0, 1, 256, device=device)
+    rgb = torch.stack([1.5 - (4 * v - k).abs() for k in (3.0, 2.0, 1.0)], dim=1)
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@dataclass
+class Frames:
+    """Where each map goes: the output frame and the image's box inside the model input.
+
+    All tensors have one row per map. ``size`` is ``(height, width)`` of the output frame;
+    ``box`` is ``(x0, y0, x1, y1)`` of the image inside the model input, as fractions.
+    """
+
+    size: Tensor
+    box: Tensor
+
+
+def _sampling_grid(frames: Frames, height: int, width: int) -> Tensor:
+    """grid_sample coordinates that map each frame pixel centre onto its image box."""
+    dev = frames.box.device
+    h = frames.size[:, 0:1].to(torch.float32)
+    w = frames.size[:, 1:2].to(torch.float32)
+    u = (torch.arange(width, device=dev, dtype=torch.float32) + 0.5)[None] / w  # (P, W)
+    v = (torch.arange(height, device=dev, dtype=torch.float32) + 0.5)[None] / h  # (P, H)
+    box = frames.box.to(torch.float32)
+    gx = (box[:, 0:1] + u * (box[:, 2:3] - box[:, 0:1])) * 2 - 1
+    gy = (box[:, 1:2] + v * (box[:, 3:4] - box[:, 1:2])) * 2 - 1
+    return torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+
+
+def normalize_maps(cams: Tensor) -> Tensor:
+    """Per-map min-max scaling into [0, 1] (as pytorch-grad-cam's ``scale_cam_image``)."""
+    flat = cams.flatten(1)
+    low = flat.amin(dim=1)[:, None, None]
+    cams = cams - low
+    return cams / (cams.flatten(1).amax(dim=1)[:, None, None] + _EPS)
+
+
+def upsample_maps(maps: Tensor, frames: Frames) -> Tensor:
+    """Bilinear upsampling of ``(P, h, w)`` maps into each frame, padded to the largest.
+
+    One ``grid_sample`` for all maps: equal to ``F.interpolate(..., mode="bilinear")`` per map
+    when the box is the whole input, and it crops letterbox padding away otherwise.
+
+    Returns:
+        ``(P, H, W)`` float maps; pixels past a frame's own size are padding.
+    """
+    height, width = (int(v) for v in frames.size.amax(dim=0).tolist())
+    grid = _sampling_grid(frames, height, width)
+    out = F.grid_sample(
+        maps[:, None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return out[:, 0]
+
+
+def to_uint8(maps: Tensor) -> Tensor:
+    """[0, 1] floats to uint8 grey levels."""
+    return (maps * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def blend(heat: Tensor, images: Tensor, lut: Tensor, alpha: float) -> Tensor:
+    """Colour-map uint8 maps ``(P, H, W)`` and blend onto uint8 images ``(P, H, W, 3)``."""
+    colour = lut[heat.long()].to(torch.float32)
+    mixed = alpha * colour + (1 - alpha) * images.to(torch.float32)
+    return mixed.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class CamEngine:
+    """The served model plus everything it needs per batch, set up once.
+
+    Args:
+        model: an image classifier returning ``(N, num_classes)`` logits.
+        target_layer: dotted module name, or ``"auto"`` (needs ``input_size``).
+        device: where the model runs.
+        mean: per-channel mean in [0, 1] units.
+        std: per-channel std in [0, 1] units.
+        input_size: ``(height, width)`` the model sees.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; the CAM maths stays fp32).
+        channels_last: use the channels-last memory format.
+        batched_targets: one vmapped gradient pass for several classes per image instead of
+            one pass per round of classes.
+
+    Raises:
+        ValueError: for an unknown precision or target layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str = "auto",
+        *,
+        device: torch.device | str = "cpu",
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        input_size: tuple[int, int] = (224, 224),
+        precision: str = "fp32",
+        channels_last: bool = False,
+        batched_targets: bool = False,
+    ) -> None:
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, not '{precision}'")
+        self.device = torch.device(device)
+        self.autocast = _PRECISIONS[precision]
+        self.precision = precision
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.batched_targets = batched_targets
+        self.input_size = tuple(input_size)
+        # The served model is frozen once: its parameters never require grad.
+        self.model = model.eval().to(self.device, memory_format=self.memory_format)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255)
+        if target_layer == "auto":
+            target_layer = find_target_layer(self.model, self.example())
+        self.target_layer = target_layer
+        self.layer = resolve_layer(self.model, target_layer)
+        self.lut = jet_lut(self.device)
+
+    def example(self, batch: int = 1) -> Tensor:
+        """A zero input batch at the served size (for dry runs)."""
+        x = torch.zeros((batch, 3, *self.input_size), device=self.device)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def prepare(self, pixels: Tensor) -> Tensor:
+        """uint8 ``(N, H, W, 3)`` host pixels to the normalised device batch."""
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = (x - self.mean) * self.inv_std
+        return x.contiguous(memory_format=self.memory_format)
+
+    def forward(self, x: Tensor) -> CamPass:
+        """One forward in which autograd records only the head above the target layer."""
+        return _forward(self.model, self.layer, x, self.autocast)
+
+    def cams(self, cam_pass: CamPass, rows: Tensor, classes: Tensor, methods: Sequence[str]) -> Tensor:
+        """Raw maps ``(P, h, w)`` for P (image row, class, method) targets of one pass.
+
+        Several targets may name the same image: they are split into rounds with at most one
+        target per image, each round one gradient pass (or one vmapped pass for all rounds).
+        """
+        if rows.numel() == 0:
+            return cam_pass.activation.new_zeros((0, *cam_pass.activation.shape[2:]), dtype=torch.float32)
+        rounds = _rounds(rows)
+        round_rows = [rows[rounds == r] for r in range(int(rounds.max()) + 1)]
+        round_classes = [classes[rounds == r] for r in range(len(round_rows))]
+        grads = cam_pass.gradients(round_rows, round_classes, self.batched_targets)
+        g = grads[rounds, rows]
+        a = cam_pass.activation.detach()[rows]
+        out = torch.empty((rows.numel(), *a.shape[2:]), device=a.device, dtype=torch.float32)
+        for method in sorted(set(methods)):
+            pick = torch.tensor([m == method for m in methods], device=a.device)
+            out[pick] = cam_weights(method, a[pick], g[pick])
+        return out
+
+
+def _rounds(rows: Tensor) -> Tensor:
+    """For each target, how many earlier targets named the same image (its round)."""
+    order = torch.argsort(rows, stable=True)
+    sorted_rows = rows[order]
+    first = torch.searchsorted(sorted_rows, sorted_rows, right=False)
+    rank = torch.arange(rows.numel(), device=rows.device) - first
+    out = torch.empty_like(rank)
+    out[order] = rank
+    return out
+
+
+def to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copy a batch's device results to the host in one transfer.
+
+    On an accelerator the tensors are packed into one byte buffer, copied once into pinned
+    memory, and unpacked as views; on the CPU they are returned as they are.
+    """
+    first = next(iter(tensors.values()), None)
+    if first is None or first.device.type == "cpu":
+        return tensors
+    parts, layout = [], []
+    # Widest dtypes first keep every view's offset aligned to its element size.
+    for name, t in sorted(tensors.items(), key=lambda kv: -kv[1].element_size()):
+        t = t.contiguous()
+        parts.append(t.reshape(-1).view(torch.uint8))
+        layout.append((name, t.dtype, t.shape, t.numel() * t.element_size()))
+    packed = torch.cat(parts)
+    host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    torch.cuda.current_stream(first.device).synchronize()
+    out, offset = {}, 0
+    for name, dtype, shape, nbytes in layout:
+        out[name] = host[offset : offset + nbytes].view(dtype).reshape(shape)
+        offset += nbytes
+    return out

@@ -1,0 +1,530 @@
+"""Request codec: a TorchServe request item in, an RGB image and validated options out.
+
+Reads three request forms (raw image body with options in headers, multipart form, JSON with a
+base64 image), decodes the image within byte and pixel limits, and validates the options against
+the archive defaults. No TorchServe or torch import here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import io
+import json
+import logging
+import re
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from handler.errors import (
+    HandlerError,
+    InvalidInput,
+    InvalidOption,
+    PayloadTooLarge,
+    UnsupportedMedia,
+)
+
+__all__ = [
+    "CAM_METHODS",
+    "OPTION_NAMES",
+    "OUTPUT_FORMS",
+    "CamSelection",
+    "CodecLimits",
+    "LabelIndex",
+    "Options",
+    "RawRequest",
+    "decode_image",
+    "extract_request",
+    "parse_defaults",
+    "parse_options",
+]
+
+_logger = logging.getLogger(__name__)
+
+OPTION_NAMES = ("topk", "cam_classes", "cam_method", "outputs")
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+OUTPUT_FORMS = ("map", "heatmap", "overlay")
+
+_METHOD_ALIASES = {"gradcampp": "gradcam++"}
+_IMAGE_FIELDS = ("image", "file", "data")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# The only parsers Image.open may try: fewer decoders facing the network, none that shells out.
+_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+_INT = re.compile(r"[+-]?[0-9]+")
+_TOP_N = re.compile(r"top\s*([+-]?[0-9]+)")
+
+
+@dataclass(frozen=True)
+class CodecLimits:
+    """Bounds on one request.
+
+    Attributes:
+        max_image_bytes: most encoded image bytes (after base64 decoding).
+        max_pixels: most ``width * height``, checked from the header before pixels are decoded.
+        max_cams: most CAM classes one request may ask for.
+    """
+
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_cams: int = 5
+
+
+@dataclass(frozen=True)
+class CamSelection:
+    """Which classes get a CAM: ``"top"`` (the ``count`` best), ``"ids"`` or ``"none"``."""
+
+    mode: str
+    count: int = 1
+    class_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated per-request options; ``outputs`` is in :data:`OUTPUT_FORMS` order."""
+
+    topk: int = 5
+    cam_classes: CamSelection = CamSelection("top", 1)
+    cam_method: str = "gradcam"
+    outputs: tuple[str, ...] = ("map",)
+
+
+@dataclass
+class RawRequest:
+    """One request as received: encoded image, options not yet validated, and its form."""
+
+    image_bytes: bytes
+    options: dict[str, object]
+    source: str
+
+
+def _norm(name: str) -> str:
+    """Case- and spacing-insensitive key of a label name, commas kept as separators."""
+    return ", ".join(" ".join(part.split()) for part in name.lower().split(","))
+
+
+def _as_int(text: str, too_big: int) -> int:
+    return int(text) if len(text) < 19 else too_big  # no slow parse of a huge number
+
+
+class LabelIndex:
+    """Class-name lookup, built once at model load.
+
+    A class answers to its full label (``"tabby, tabby cat"``) and to each comma-separated
+    synonym (``"tabby"``, ``"tabby cat"``), case-insensitively.
+
+    Args:
+        labels: class names by class id, or None when the model has none.
+        num_classes: number of model outputs.
+
+    Raises:
+        ValueError: ``num_classes`` is not positive, or ``labels`` has another length.
+    """
+
+    def __init__(self, labels: list[str] | None, num_classes: int) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(
+                f"labels has {len(labels)} names but the model has {num_classes} classes"
+            )
+        self.num_classes = num_classes
+        self.max_parts = 1  # most comma-separated parts in one label
+        self._ids: dict[str, list[int]] = {}
+        self._shown: dict[str, str] = {}
+        for class_id, label in enumerate(labels or ()):
+            parts = [part.strip() for part in str(label).split(",") if part.strip()]
+            self.max_parts = max(self.max_parts, len(parts))
+            for name in (str(label), *parts):
+                ids = self._ids.setdefault(_norm(name), [])
+                if class_id not in ids:
+                    ids.append(class_id)
+                self._shown.setdefault(_norm(name), name.strip())
+
+    def lookup(self, name: str) -> list[int]:
+        """Ids of the classes answering to the name ``name`` (no integer parsing)."""
+        return list(self._ids.get(_norm(name), ()))
+
+    def resolve(self, token: str) -> int:
+        """Class id of an integer string or of a label name that names one class.
+
+        Raises:
+            InvalidOption: the id is out of range, or the name is unknown or ambiguous.
+        """
+        text, span = str(token).strip(), f"ids go from 0 to {self.num_classes - 1}"
+        if not text:
+            raise InvalidOption("cam_classes has an empty class entry", "cam_classes")
+        if _INT.fullmatch(text):
+            class_id = _as_int(text, self.num_classes)
+            if not 0 <= class_id < self.num_classes:
+                raise InvalidOption(f"class id {text} is out of range; {span}", "cam_classes")
+            return class_id
+        ids = self.lookup(text)
+        if len(ids) == 1:
+            return ids[0]
+        if ids:
+            listed = ", ".join(map(str, ids))
+            message = f"class name {text!r} is ambiguous: it names classes {listed}; send an id"
+        elif not self._ids:
+            message = f"unknown class {text!r}: this model has no class names, {span}"
+        else:
+            close = difflib.get_close_matches(_norm(text), list(self._ids), n=3)
+            hint = ", ".join(repr(self._shown[name]) for name in close)
+            message = f"unknown class name {text!r}" + (f"; did you mean {hint}?" if hint else "")
+        raise InvalidOption(message, "cam_classes")
+
+
+def _unknown_option(name: str) -> InvalidOption:
+    return InvalidOption(f"unknown option {name!r}; allowed: {', '.join(OPTION_NAMES)}", name)
+
+
+def _decode_base64(text: str) -> bytes:
+    """Bytes of standard or urlsafe base64, or of a ``data:...;base64,`` URL."""
+    text = text.strip()
+    if text[:5].lower() == "data:":
+        header, _, text = text.partition(",")
+        if not header.lower().endswith(";base64"):
+            raise InvalidInput("image data URL must be 'data:image/...;base64,<data>'", "image")
+    text = "".join(text.split()).translate(str.maketrans("-_", "+/")).rstrip("=")
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(f"image is not valid base64: {exc}", "image") from exc
+    if not data:
+        raise InvalidInput("image is empty", "image")
+    return data
+
+
+def _load_json(body: bytes | str) -> object:
+    try:
+        return json.loads(body.decode("utf-8-sig") if isinstance(body, bytes) else body)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"JSON body is not UTF-8: {exc}", "body") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}", "body") from exc
+
+
+def _from_json(doc: object, options: dict[str, object]) -> RawRequest:
+    if not isinstance(doc, dict):
+        kind = type(doc).__name__
+        raise InvalidInput(f"JSON body must be an object with an 'image' key, got {kind}", "body")
+    fields = {str(key): value for key, value in doc.items()}
+    image = next((fields.pop(key) for key in list(fields) if key.lower() == "image"), None)
+    if not isinstance(image, str) or not image.strip():
+        got = ", ".join(map(str, doc)) or "none"
+        raise InvalidInput(
+            f"JSON body needs 'image' as a base64 string (keys received: {got})", "image"
+        )
+    for name, value in fields.items():
+        if name.lower() not in OPTION_NAMES:
+            raise _unknown_option(name)
+        options[name.lower()] = value
+    return RawRequest(_decode_base64(image), options, "json")
+
+
+def _from_multipart(item: dict, options: dict[str, object]) -> RawRequest:
+    fields = {str(key): value for key, value in item.items()}
+    images = [key for key in fields if key.lower() in _IMAGE_FIELDS]
+    if len(images) != 1:
+        what, got = "several image fields" if images else "no 'image' field", images or fields
+        raise InvalidInput(
+            f"multipart form has {what} (fields received: {', '.join(got)})", "image"
+        )
+    image = fields.pop(images[0])
+    for name, value in fields.items():
+        if name.lower() not in OPTION_NAMES:
+            raise _unknown_option(name)
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidOption(f"{name} is not UTF-8 text", name) from exc
+        options[name.lower()] = value.strip() if isinstance(value, str) else value
+    if isinstance(image, str):  # a text field rather than a file: base64 or a data URL
+        image = _decode_base64(image)
+    if not isinstance(image, (bytes, bytearray)) or not image:
+        raise InvalidInput("multipart 'image' field is empty", "image")
+    return RawRequest(bytes(image), options, "multipart")
+
+
+def extract_request(item: dict, headers: dict[str, str]) -> RawRequest:
+    """Split one TorchServe request item into image bytes and raw options.
+
+    Options come from headers (names matched case-insensitively, other headers ignored) and
+    from the body (JSON keys or multipart fields); the body wins where both give one.
+
+    Args:
+        item: one element of TorchServe's ``data`` list.
+        headers: request header name to value.
+
+    Returns:
+        The encoded image, the options as received, and ``source`` (raw, multipart or json).
+
+    Raises:
+        InvalidInput: empty or unreadable body, or no image in it.
+        InvalidOption: an unknown option name in the JSON body or the form.
+    """
+    options: dict[str, object] = {}
+    content_type = ""
+    for name, value in (headers or {}).items():
+        value = value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
+        if str(name).lower() in OPTION_NAMES:
+            options[str(name).lower()] = value.strip()
+        elif str(name).lower() == "content-type":
+            content_type = value.lower()
+    if not isinstance(item, dict):
+        item = {"body": item}
+    if set(item) - {"body", "data"}:
+        return _from_multipart(item, options)
+    body = item.get("body") if item.get("body") is not None else item.get("data")
+    if isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
+    if body is None or (isinstance(body, (bytes, str)) and not body):
+        raise InvalidInput("empty request body; send an image or a JSON object", "body")
+    if not isinstance(body, (bytes, str)):  # TorchServe already decoded the JSON
+        return _from_json(body, options)
+    head = body.lstrip()[:1]
+    head = head.decode("latin-1") if isinstance(head, bytes) else head
+    if head in ("{", "[") or "json" in content_type:
+        return _from_json(_load_json(body), options)
+    if isinstance(body, str):
+        raise InvalidInput(
+            "request body is text, not an image; send image bytes or JSON with a base64 'image'",
+            "body",
+        )
+    return RawRequest(body, options, "raw")
+
+
+def _gray_to_8bit(image: Image.Image) -> Image.Image:
+    """8-bit copy of 16/32-bit integer or float grayscale, on the 16-bit scale (min-max
+    stretching would turn a flat or dark image into noise)."""
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    if image.mode == "F" and values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        values = values * 65535.0  # float images are conventionally normalised to [0, 1]
+    return Image.fromarray(np.rint(np.clip(values, 0.0, 65535.0) / 257.0).astype(np.uint8))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _gray_to_8bit(image).convert("RGB")
+    try:
+        if mode in _ALPHA_MODES or "transparency" in image.info:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+        return image if mode == "RGB" else image.convert("RGB")
+    except ValueError as exc:
+        raise UnsupportedMedia(f"image mode {mode} cannot be converted to RGB", "image") from exc
+
+
+def decode_image(data: bytes, limits: CodecLimits) -> Image.Image:
+    """Decode an encoded image into a fully loaded RGB image.
+
+    The pixel count is checked from the header before any pixel is decoded. Animated images
+    give their first frame, EXIF orientation is applied, transparency is composited on white,
+    and 16/32-bit grayscale is scaled to 8 bits.
+
+    Args:
+        data: encoded image bytes.
+        limits: byte and pixel bounds.
+
+    Returns:
+        An RGB image, detached from ``data``.
+
+    Raises:
+        PayloadTooLarge: over ``max_image_bytes`` or ``max_pixels`` (or Pillow's bomb guard).
+        UnsupportedMedia: not JPEG, PNG, GIF, WebP, BMP or TIFF.
+        InvalidInput: empty, zero-sized, truncated or corrupt image.
+    """
+    if not data:
+        raise InvalidInput("image is empty", "image")
+    if len(data) > limits.max_image_bytes:
+        message = f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes} bytes"
+        raise PayloadTooLarge(message, "image")
+    # Pillow's own bomb guard stays on: its warning becomes an error, here only.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
+                width, height = image.size
+                if width <= 0 or height <= 0:
+                    raise InvalidInput(f"image has zero size ({width}x{height})", "image")
+                if width * height > limits.max_pixels:
+                    raise PayloadTooLarge(
+                        f"image is {width}x{height} = {width * height} pixels, over the limit "
+                        f"of {limits.max_pixels} pixels",
+                        "image",
+                    )
+                image.load()
+                try:
+                    oriented = ImageOps.exif_transpose(image)
+                except _DECODE_ERRORS + (KeyError, TypeError) as exc:
+                    _logger.warning("ignoring unreadable EXIF orientation: %s", exc)
+                    oriented = image
+                rgb = _to_rgb(oriented)
+                return rgb.copy() if rgb is image else rgb  # closing `image` frees its pixels
+        except HandlerError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise PayloadTooLarge(f"image is too large to decode safely: {exc}", "image") from exc
+        except UnidentifiedImageError as exc:
+            message = (
+                "image is not a supported image format; send JPEG, PNG, GIF, WebP, BMP or TIFF"
+            )
+            raise UnsupportedMedia(message, "image") from exc
+        except _DECODE_ERRORS as exc:
+            raise InvalidInput(f"image data is corrupt or truncated: {exc}", "image") from exc
+
+
+def _parse_int(value: object, name: str, high: int) -> int:
+    """Integer in ``1..high`` from an int or a decimal string."""
+    if isinstance(value, str) and _INT.fullmatch(value.strip()):
+        value = _as_int(value.strip(), high + 1)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOption(f"{name} must be an integer, got {value!r}", name)
+    if not 1 <= value <= high:
+        raise InvalidOption(f"{name} must be between 1 and {high}, got {value}", name)
+    return value
+
+
+def _split_names(text: str, labels: LabelIndex) -> list[str]:
+    """Split a comma list of ids and names, keeping the longest run of parts that is a label."""
+    parts = [part.strip() for part in text.split(",")]
+    tokens, start = [], 0
+    while start < len(parts):
+        stop = start + 1
+        for end in range(min(len(parts), start + labels.max_parts), start + 1, -1):
+            if labels.lookup(", ".join(parts[start:end])):
+                stop = end
+                break
+        tokens.append(", ".join(parts[start:stop]))
+        start = stop
+    return tokens
+
+
+def _parse_cam_classes(
+    value: object, labels: LabelIndex, num_classes: int, limits: CodecLimits
+) -> CamSelection:
+    field, most = "cam_classes", limits.max_cams
+    if isinstance(value, bool) or not isinstance(value, (int, str, list, tuple)):
+        raise InvalidOption(f"cam_classes must be a string, id or list, got {value!r}", field)
+    entries = len(value) if isinstance(value, (list, tuple)) else str(value).count(",") + 1
+    if entries > 20 * most:  # bounds the work; duplicates and multi-part names still fit
+        raise InvalidOption(f"cam_classes has {entries} entries, too many for {most} CAMs", field)
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(t, bool) or not isinstance(t, (int, str)) for t in value):
+            raise InvalidOption("cam_classes list entries must be ids or names", field)
+        tokens = [str(token) for token in value]
+    elif isinstance(value, int):
+        tokens = [str(value)]
+    elif value.strip().lower() == "none":
+        return CamSelection("none")
+    elif match := _TOP_N.fullmatch(value.strip().lower()):
+        count = _as_int(match.group(1), num_classes + 1)
+        if not 1 <= count <= num_classes:
+            raise InvalidOption(f"cam_classes topN needs N in 1..{num_classes}", field)
+        if count > most:
+            raise InvalidOption(
+                f"cam_classes asks for {count} CAMs; at most {most} per request", field
+            )
+        return CamSelection("top", count)
+    else:
+        tokens = _split_names(value.strip(), labels) if value.strip() else []
+    if not tokens:
+        raise InvalidOption("cam_classes is empty; send topN, none, or class ids/names", field)
+    class_ids: list[int] = []
+    for token in tokens:
+        class_id = labels.resolve(token)
+        if class_id not in class_ids:
+            class_ids.append(class_id)
+        if len(class_ids) > most:
+            raise InvalidOption(
+                f"cam_classes names more than {most} classes, the most per request", field
+            )
+    return CamSelection("ids", class_ids=tuple(class_ids))
+
+
+def _parse_cam_method(value: object) -> str:
+    method = value.strip().lower() if isinstance(value, str) else None
+    method = _METHOD_ALIASES.get(method, method)
+    if method not in CAM_METHODS:
+        message = f"unknown cam_method {value!r}; use one of {', '.join(CAM_METHODS)}"
+        raise InvalidOption(message, "cam_method")
+    return method
+
+
+def _parse_outputs(value: object) -> tuple[str, ...]:
+    allowed = ", ".join(OUTPUT_FORMS)
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)):
+        raise InvalidOption(f"outputs must be a string or list, got {value!r}", "outputs")
+    forms = {item.strip().lower() if isinstance(item, str) else repr(item) for item in value}
+    if forms <= {""}:
+        raise InvalidOption(f"outputs is empty; use some of {allowed}", "outputs")
+    unknown = ", ".join(repr(form) for form in sorted(forms) if form not in OUTPUT_FORMS)
+    if unknown:
+        raise InvalidOption(f"unknown outputs {unknown}; allowed: {allowed}", "outputs")
+    return tuple(form for form in OUTPUT_FORMS if form in forms)
+
+
+def parse_options(
+    raw: dict[str, object],
+    defaults: Options,
+    labels: LabelIndex,
+    num_classes: int,
+    limits: CodecLimits,
+) -> Options:
+    """Validate raw request options; a missing (or JSON null) option keeps its default.
+
+    Args:
+        raw: option name to value as received.
+        defaults: the archive defaults.
+        labels: class-name lookup for ``cam_classes``.
+        num_classes: number of model outputs.
+        limits: bounds; ``max_cams`` applies here.
+
+    Returns:
+        The validated options.
+
+    Raises:
+        InvalidOption: an unknown name or a value out of its domain, with ``field`` set.
+    """
+    values = {name: getattr(defaults, name) for name in OPTION_NAMES}
+    for name, value in raw.items():
+        if name not in OPTION_NAMES:
+            raise _unknown_option(name)
+        if value is None:
+            continue
+        if name == "topk":
+            values[name] = _parse_int(value, name, num_classes)
+        elif name == "cam_classes":
+            values[name] = _parse_cam_classes(value, labels, num_classes, limits)
+        elif name == "cam_method":
+            values[name] = _parse_cam_method(value)
+        else:
+            values[name] = _parse_outputs(value)
+    return Options(**values)
+
+
+def parse_defaults(
+    config: dict, labels: LabelIndex, num_classes: int, limits: CodecLimits
+) -> Options:
+    """Archive defaults from the handler config; keys other than the option names are ignored.
+
+    A missing key keeps the :class:`Options` default, with ``topk`` capped at ``num_classes``.
+
+    Raises:
+        ValueError: a config value is invalid; the message names the config key.
+    """
+    raw = {name: value for name, value in (config or {}).items() if name in OPTION_NAMES}
+    try:
+        return parse_options(raw, Options(topk=min(5, num_classes)), labels, num_classes, limits)
+    except InvalidOption as exc:
+        raise ValueError(f"handler config key {exc.field!r}: {exc.message}") from exc

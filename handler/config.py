@@ -1,0 +1,134 @@
+"""The ``handler:`` section of an archive's ``model-config.yaml``, validated once at load.
+
+The archiver writes it and the handler reads it, through the same dataclass, so a key the
+handler does not know fails the build, not the first request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+__all__ = ["ServeConfig", "RESIZE_MODES", "PRECISIONS", "INTERPOLATIONS"]
+
+RESIZE_MODES = ("squash", "letterbox")
+PRECISIONS = ("fp32", "bf16", "fp16")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+@dataclass
+class ServeConfig:
+    """Everything the handler needs besides the weights file.
+
+    Attributes:
+        model: ``timm:NAME``, ``torchvision:NAME`` or ``model_src/FILE.py:ClassName``.
+        num_classes: classifier outputs.
+        model_kwargs: extra constructor arguments.
+        labels: labels file inside the archive, or empty for none.
+        target_layer: dotted module name (the archiver resolves ``auto``).
+        input_size: ``[height, width]`` the model sees.
+        resize: ``squash`` (the whole image stretched to the input) or ``letterbox``
+            (aspect kept, padded with the mean colour); nothing is ever cropped away.
+        interpolation: resampling used to resize the image for the model.
+        mean: per-channel mean, [0, 1] units.
+        std: per-channel std, [0, 1] units.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast on accelerators.
+        channels_last: channels-last memory format.
+        batched_targets: vmapped gradient pass for several classes per image.
+        topk: default predictions per image.
+        cam_classes: default CAM targets: ``top1``, ``topN``, ``none`` or class list.
+        cam_method: default CAM method.
+        outputs: default output forms, comma list of ``map``, ``heatmap``, ``overlay``.
+        max_cams: most CAM classes a request may ask for.
+        max_side: long side cap, in pixels, of heatmaps and overlays.
+        overlay_alpha: weight of the colour map in the overlay.
+        overlay_quality: JPEG quality of overlays.
+        max_image_bytes: largest encoded image accepted.
+        max_pixels: largest decoded image accepted (width x height).
+        max_response_bytes: largest response body; keep under the server's max_response_size.
+    """
+
+    model: str = "timm:tf_efficientnet_lite0"
+    num_classes: int = 1000
+    model_kwargs: dict = field(default_factory=dict)
+    labels: str = "index_to_name.json"
+    target_layer: str = "auto"
+    input_size: list[int] = field(default_factory=lambda: [224, 224])
+    resize: str = "squash"
+    interpolation: str = "bicubic"
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    precision: str = "fp32"
+    channels_last: bool = False
+    batched_targets: bool = False
+    topk: int = 5
+    cam_classes: str = "top1"
+    cam_method: str = "gradcam"
+    outputs: str = "map"
+    max_cams: int = 5
+    max_side: int = 512
+    overlay_alpha: float = 0.5
+    overlay_quality: int = 85
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_response_bytes: int = 16 * 1024 * 1024
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> ServeConfig:
+        """Validate a ``handler:`` mapping; unknown keys and bad values raise ValueError."""
+        data = dict(data or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown handler config keys: {', '.join(unknown)}; known: {', '.join(known)}"
+            )
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        """Plain mapping for ``model-config.yaml``."""
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Check every value; the message names the key.
+
+        Raises:
+            ValueError: on the first bad value.
+        """
+        def _check(ok: bool, key: str, wanted: str) -> None:
+            if not ok:
+                raise ValueError(f"handler config '{key}' must be {wanted}, got {getattr(self, key)!r}")
+
+        def _posint(key: str) -> None:
+            value = getattr(self, key)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
+                   "a positive integer")
+
+        for key in ("num_classes", "topk", "max_cams", "max_side", "overlay_quality",
+                    "max_image_bytes", "max_pixels", "max_response_bytes"):
+            _posint(key)
+        _check(isinstance(self.model, str) and bool(self.model), "model", "a model source")
+        _check(isinstance(self.model_kwargs, dict), "model_kwargs", "a mapping")
+        _check(isinstance(self.labels, str), "labels", "a file name or ''")
+        _check(isinstance(self.target_layer, str) and bool(self.target_layer), "target_layer",
+               "a module name or 'auto'")
+        size = self.input_size
+        _check(isinstance(size, (list, tuple)) and len(size) == 2
+               and all(isinstance(v, int) and v > 0 for v in size), "input_size", "[height, width]")
+        self.input_size = [int(v) for v in size]
+        _check(self.resize in RESIZE_MODES, "resize", f"one of {', '.join(RESIZE_MODES)}")
+        _check(self.interpolation in INTERPOLATIONS, "interpolation",
+               f"one of {', '.join(INTERPOLATIONS)}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            _check(isinstance(value, (list, tuple)) and len(value) == 3
+                   and all(isinstance(v, (int, float)) for v in value), key, "three numbers")
+            setattr(self, key, [float(v) for v in value])
+        _check(all(v > 0 for v in self.std), "std", "positive")
+        _check(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
+        _check(isinstance(self.channels_last, bool), "channels_last", "true or false")
+        _check(isinstance(self.batched_targets, bool), "batched_targets", "true or false")
+        _check(isinstance(self.overlay_alpha, (int, float)) and 0 <= self.overlay_alpha <= 1,
+               "overlay_alpha", "a number in [0, 1]")
+        _check(self.overlay_quality <= 100, "overlay_quality", "1..100")

