@@ -121,7 +121,7 @@ class GradCamHandler:
         self.resample = _RESAMPLE[config.interpolation]
         # Dry batch: a broken target layer or head fails the load, not the first request.
         warm = Image.new("RGB", tuple(reversed(config.input_size)), (128, 128, 128))
-        self._run([_Job(0, warm, self.defaults)], batch_size=1)
+        self._run([_Job(0, warm, self.defaults)])
         self.initialized = True
         logger.info(
             "loaded %s (%s) on %s, target layer %s, input %s, %s",
@@ -145,11 +145,11 @@ class GradCamHandler:
                 )
                 jobs.append(_Job(idx, image, options))
             except HandlerError as err:
-                responses[idx] = self._fail(context, idx, err)
+                responses[idx] = self._fail(context, idx, err, len(data))
         decoded = time.perf_counter()
         if jobs:
             try:
-                bodies = self._run(jobs, batch_size=len(data))
+                bodies = self._run(jobs)
             except HandlerError as err:
                 bodies = [err] * len(jobs)
             except torch.OutOfMemoryError:
@@ -161,30 +161,31 @@ class GradCamHandler:
                 logger.exception("Grad-CAM pass failed on a batch of %d", len(jobs))
                 bodies = [ModelFailure(f"inference failed: {type(exc).__name__}: {exc}")] * len(jobs)
             for job, body in zip(jobs, bodies):
-                responses[job.idx] = self._answer(context, job.idx, body)
+                responses[job.idx] = self._answer(context, job.idx, body, len(data))
         logger.debug(
             "batch of %d: decode %.1f ms, pass+render %.1f ms",
             len(data), (decoded - started) * 1e3, (time.perf_counter() - decoded) * 1e3,
         )
         return responses
 
-    def _answer(self, context, idx: int, body: dict | HandlerError) -> str:
+    def _answer(self, context, idx: int, body: dict | HandlerError, batch_size: int) -> str:
         if isinstance(body, HandlerError):
-            return self._fail(context, idx, body)
+            return self._fail(context, idx, body, batch_size)
+        body["batch_size"] = batch_size
         text = json.dumps(body, separators=(",", ":"))
         if len(text) > self.config.max_response_bytes:
             return self._fail(context, idx, ResponseTooLarge(
                 f"response of {len(text)} bytes exceeds the {self.config.max_response_bytes}-byte "
-                "limit; ask for fewer cam_classes or output forms", field="outputs"))
+                "limit; ask for fewer cam_classes or output forms", field="outputs"), batch_size)
         context.set_response_content_type(idx, _JSON)
         return text
 
     @staticmethod
-    def _fail(context, idx: int, err: HandlerError) -> str:
-        logger.info("request %d rejected: %s %s", idx, err.status, err.message)
+    def _fail(context, idx: int, err: HandlerError, batch_size: int) -> str:
+        logger.info("request %d of %d rejected: %s %s", idx, batch_size, err.status, err.message)
         context.set_response_status(err.status, err.kind, idx)
         context.set_response_content_type(idx, _JSON)
-        return json.dumps(error_body(err))
+        return json.dumps({**error_body(err), "batch_size": batch_size})
 
     # ------------------------------------------------------------------ the batch
 
@@ -201,7 +202,7 @@ class GradCamHandler:
         canvas[y0 : y0 + h, x0 : x0 + w] = image_pixels(image, (w, h), self.resample)
         return canvas, (x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height)
 
-    def _run(self, jobs: list[_Job], batch_size: int) -> list[dict]:
+    def _run(self, jobs: list[_Job]) -> list[dict]:
         engine, config = self.engine, self.config
         n = len(jobs)
         height, width = config.input_size

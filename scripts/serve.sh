@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# Serve the default model: set up .venv, build the default archive when missing, start
-# TorchServe with config.properties, wait until the model answers, print how to call it.
+# Serve models from model_store with config.properties, on loopback:
+#   scripts/serve.sh                      the default model (built on first use)
+#   scripts/serve.sh NAME [NAME ...]      these archives (model_store/NAME.mar)
+# Sets up .venv, starts TorchServe, waits until every model's worker is ready, prints how to
+# call it. scripts/stop.sh stops it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-MODEL="${MODEL:-efficientnet_lite0}"
+DEFAULT=efficientnet_lite0
+MODELS=("$@")
+[ ${#MODELS[@]} -gt 0 ] || MODELS=("$DEFAULT")
 say() { printf '[serve] %s\n' "$*" >&2; }
 
 scripts/bootstrap.sh
-if [ ! -f "model_store/$MODEL.mar" ]; then
-  say "building model_store/$MODEL.mar"
-  .venv/bin/python scripts/archive.py --name "$MODEL"
-fi
+LOAD=()
+for model in "${MODELS[@]}"; do
+  mar="model_store/$model.mar"
+  if [ "$model" = "$DEFAULT" ] && { [ ! -f "$mar" ] ||
+      [ -n "$(find handler scripts/archive.py -newer "$mar" -name '*.py' 2>/dev/null | head -1)" ]; }; then
+    say "building $mar"
+    .venv/bin/python scripts/archive.py --name "$model" --force
+  elif [ ! -f "$mar" ]; then
+    say "$mar does not exist: build it with .venv/bin/python scripts/archive.py --name $model ... (see --help)"
+    exit 1
+  fi
+  LOAD+=("$model=$model.mar")
+done
 
 # TorchServe keeps its pid file and worker sockets in $TEMP/$TMPDIR: a private, short
 # directory keeps this server apart from any other TorchServe on the machine, and lets
@@ -23,29 +37,41 @@ PATH="$ROOT/.venv/bin:$PATH"
 
 addr() { sed -n "s/^$1=//p" config.properties; }
 INFERENCE="$(addr inference_address)"
-if [ -f key_file.json ] && curl -sf --max-time 5 -o /dev/null -H "Authorization: Bearer $(scripts/token.sh)" "$INFERENCE/ping" 2>/dev/null; then
-  say "a TorchServe already answers on $INFERENCE (scripts/stop.sh stops the one started here)"
+MANAGEMENT="$(addr management_address)"
+if [ -f "$RUN_DIR/.model_server.pid" ] && kill -0 "$(cat "$RUN_DIR/.model_server.pid")" 2>/dev/null; then
+  say "TorchServe from this checkout is already running: scripts/stop.sh first"
+  exit 1
+fi
+if curl -s --max-time 5 -o /dev/null "$INFERENCE/ping"; then
+  say "something already listens on $INFERENCE: stop it or change the addresses in config.properties"
   exit 1
 fi
 
+mkdir -p logs
 say "starting TorchServe ($INFERENCE), logs in $ROOT/logs"
-torchserve --start --ts-config config.properties --model-store model_store --ncs >/dev/null
+torchserve --start --ts-config config.properties --model-store model_store --ncs \
+  --models "${LOAD[@]}" >logs/torchserve.out 2>&1
 
-for _ in $(seq 1 180); do
-  if [ -f key_file.json ]; then
-    status="$(curl -s --max-time 5 -H "Authorization: Bearer $(scripts/token.sh)" "$INFERENCE/ping" || true)"
-    case "$status" in *'"Healthy"'*) break ;; esac
-  fi
-  sleep 1
+# Ready when every model's worker is: /ping says Healthy before the models have loaded.
+for model in "${MODELS[@]}"; do
+  status=""
+  for _ in $(seq 1 180); do
+    if [ -f key_file.json ]; then
+      status="$(curl -s --max-time 5 -H "Authorization: Bearer $(scripts/token.sh management)" \
+        "$MANAGEMENT/models/$model" || true)"
+      case "$status" in *'"status": "READY"'*) break ;; esac
+    fi
+    sleep 1
+  done
+  case "$status" in
+    *'"status": "READY"'*) say "ready: $INFERENCE/predictions/$model" ;;
+    *) say "$model did not become ready in 180 s; see logs/model_log.log and logs/ts_log.log"
+       exit 1 ;;
+  esac
 done
-case "${status:-}" in
-  *'"Healthy"'*) ;;
-  *) say "TorchServe did not become healthy in 180 s; see logs/ts_log.log and logs/model_log.log"; exit 1 ;;
-esac
-say "healthy: $MODEL is served at $INFERENCE/predictions/$MODEL"
 cat >&2 <<TXT
 [serve] try it:
   TOKEN=\$(scripts/token.sh)
-  curl -s -H "Authorization: Bearer \$TOKEN" -T tests/data/chelsea.jpg $INFERENCE/predictions/$MODEL
+  curl -s -H "Authorization: Bearer \$TOKEN" -T tests/data/chelsea.jpg $INFERENCE/predictions/${MODELS[0]}
 [serve] stop it: scripts/stop.sh
 TXT

@@ -1,0 +1,179 @@
+"""Start and stop a private TorchServe on free loopback ports (tests, benchmarks, load tests).
+
+Each server gets its own working directory (its key_file.json and logs/), its own short temp
+directory (pid file and worker sockets), free ports, and the settings of the repo's
+``config.properties`` with only addresses, store and models replaced. It is stopped by its
+process group, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+__all__ = ["LocalServer", "free_port", "ROOT"]
+
+ROOT = Path(__file__).resolve().parent.parent
+_ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            props[key.strip()] = value.strip()
+    return props
+
+
+class LocalServer:
+    """A TorchServe serving ``models`` (archive file names) from ``model_store``.
+
+    Args:
+        model_store: folder with the ``.mar`` files.
+        models: archive file names to load at start-up.
+        workdir: where the server runs (key_file.json, logs/).
+        overrides: extra or replaced config.properties entries.
+    """
+
+    def __init__(self, model_store: Path, models: list[str], workdir: Path,
+                 overrides: dict[str, str] | None = None) -> None:
+        self.model_store = Path(model_store).resolve()
+        self.models = models
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.props = _properties(ROOT / "config.properties")
+        ports = {key: free_port() for key in _ADDRESS_KEYS}
+        for key, port in ports.items():
+            self.props[key] = f"http://127.0.0.1:{port}"
+        self.props.update(
+            grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()),
+            model_store=str(self.model_store), load_models=",".join(models),
+        )
+        self.props.update(overrides or {})
+        self.url = self.props["inference_address"]
+        self.management_url = self.props["management_address"]
+        self.metrics_url = self.props["metrics_address"]
+        self.proc: subprocess.Popen | None = None
+        self.tmp = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self, timeout: float = 240.0) -> LocalServer:
+        """Start in the foreground of a new process group and wait for every model's worker."""
+        config = self.workdir / "config.properties"
+        config.write_text("".join(f"{k}={v}\n" for k, v in self.props.items()))
+        # Short private temp dir: unix socket paths must stay under ~100 characters.
+        self.tmp = tempfile.mkdtemp(prefix="gcs-", dir="/tmp")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # archives are self-contained
+        env.update(TEMP=self.tmp, TMPDIR=self.tmp)
+        bindir = Path(sys.executable).parent
+        env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+        self.log = open(self.workdir / "torchserve.out", "wb")
+        self.proc = subprocess.Popen(
+            [str(bindir / "torchserve"), "--start", "--foreground", "--ts-config", str(config),
+             "--model-store", str(self.model_store), "--ncs"],
+            cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self._wait_ready(timeout)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = [m.removesuffix(".mar") for m in self.models]
+        while pending:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"models {pending} not ready in {timeout:.0f}s:\n{self.log_tail()}")
+            if (self.workdir / "key_file.json").exists():
+                pending = [m for m in pending if self.worker_status(m) != "READY"]
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the server's whole process group (frontend and workers)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+        self.log.close()
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ access
+
+    def keys(self) -> dict:
+        return json.loads((self.workdir / "key_file.json").read_text())
+
+    @property
+    def token(self) -> str:
+        """The inference key, as clients send it: ``Authorization: Bearer <token>``."""
+        return self.keys()["inference"]["key"]
+
+    @property
+    def management_token(self) -> str:
+        return self.keys()["management"]["key"]
+
+    def auth(self, management: bool = False) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.management_token if management else self.token}"}
+
+    def worker_status(self, model: str) -> str | None:
+        try:
+            r = requests.get(f"{self.management_url}/models/{model}", headers=self.auth(True), timeout=5)
+        except requests.RequestException:
+            return None
+        if r.status_code != 200:
+            return None
+        workers = r.json()[0].get("workers", [])
+        return workers[0]["status"] if workers else None
+
+    def worker_pids(self, model: str) -> list[int]:
+        r = requests.get(f"{self.management_url}/models/{model}", headers=self.auth(True), timeout=5)
+        return [w["pid"] for w in r.json()[0].get("workers", [])]
+
+    def predict(self, model: str, *, explain: bool = False, timeout: float = 120, **kwargs) -> requests.Response:
+        """POST to /predictions (or /explanations) with the token; kwargs go to requests."""
+        headers = {**self.auth(), **kwargs.pop("headers", {})}
+        route = "explanations" if explain else "predictions"
+        return requests.post(f"{self.url}/{route}/{model}", headers=headers, timeout=timeout, **kwargs)
+
+    def log_tail(self, lines: int = 40) -> str:
+        out = []
+        for name in ("torchserve.out", "logs/model_log.log", "logs/ts_log.log"):
+            path = self.workdir / name
+            if path.exists():
+                out.append(f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)

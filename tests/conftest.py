@@ -1,0 +1,109 @@
+"""Shared fixtures: archives built by scripts/archive.py and one real TorchServe serving them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from tslocal import LocalServer  # noqa: E402
+
+DEFAULT = "efficientnet_lite0"
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def run_archiver(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run scripts/archive.py as a user would, from the repo root."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"archive.py {' '.join(args)} failed:\n{done.stderr}")
+    return done
+
+
+def make_weights(folder: Path) -> dict[str, Path]:
+    """Seeded random weights in the formats users bring (nested, DataParallel prefix...)."""
+    import timm
+    import torchvision
+
+    sys.path.insert(0, str(DATA / "tinynet"))
+    from model import TinyNet
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    resnet = torchvision.models.resnet18(num_classes=10).state_dict()
+    paths["resnet18"] = folder / "resnet18_10.pth"  # as saved from DataParallel, nested
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in resnet.items()}},
+               paths["resnet18"])
+    from safetensors.torch import save_file
+
+    mobilenet = timm.create_model("mobilenetv3_small_050", pretrained=False).state_dict()
+    paths["mobilenet"] = folder / "mobilenetv3_small_050.safetensors"
+    save_file({k: v.contiguous() for k, v in mobilenet.items()}, str(paths["mobilenet"]))
+    paths["tinynet"] = folder / "tinynet.pt"
+    torch.save(TinyNet(num_classes=3).state_dict(), paths["tinynet"])
+    labels = {str(i): f"digit {i}" for i in range(10)}
+    paths["labels10"] = folder / "labels10.json"
+    paths["labels10"].write_text(json.dumps(labels))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    return make_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory, weights) -> Path:
+    """The default archive plus one per model source, built in parallel by the archiver."""
+    store = tmp_path_factory.mktemp("model_store")
+    builds = {
+        DEFAULT: [],
+        "resnet18_10": ["--model", "torchvision:resnet18", "--num-classes", "10",
+                        "--weights", str(weights["resnet18"]), "--labels", str(weights["labels10"]),
+                        "--name", "resnet18_10"],
+        "mobilenetv3": ["--model", "timm:mobilenetv3_small_050", "--weights", str(weights["mobilenet"]),
+                        "--name", "mobilenetv3", "--outputs", "map,heatmap"],
+        "tinynet": ["--model", f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3",
+                    "--weights", str(weights["tinynet"]),
+                    "--labels", str(DATA / "tinynet" / "index_to_name.json"),
+                    "--name", "tinynet", "--input-size", "64"],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--export-path", str(store), *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, args in builds.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"building {name} failed:\n{err}"
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(model_store, tmp_path_factory):
+    """One real TorchServe on free loopback ports serving every archive of the session."""
+    models = sorted(p.name for p in model_store.glob("*.mar"))
+    with LocalServer(model_store, models, tmp_path_factory.mktemp("server")) as srv:
+        yield srv
+
+
+def photo(name: str) -> bytes:
+    return (DATA / name).read_bytes()
+
+
+def peak(grid: list[list[float]]) -> tuple[int, int]:
+    """(row, col) of a low-res map's maximum."""
+    flat = [(v, r, c) for r, row in enumerate(grid) for c, v in enumerate(row)]
+    _, r, c = max(flat)
+    return r, c

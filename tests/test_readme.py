@@ -1,0 +1,81 @@
+"""The README's commands, run verbatim: serve, every curl example, own models, stop."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import subprocess
+
+import pytest
+from conftest import CAT_CLASSES, ROOT
+from PIL import Image
+
+pytestmark = pytest.mark.server
+
+README = (ROOT / "README.md").read_text()
+BLOCKS = dict(re.findall(r"<!-- readme-test: (\S+) -->\n```bash\n(.*?)```", README, flags=re.S))
+
+
+def _bash(script: str, timeout: float = 600) -> str:
+    done = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"README command failed ({done.returncode}):\n{script}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def _curl(name: str) -> dict:
+    return json.loads(_bash(BLOCKS["token"] + BLOCKS[name]))
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def readme_server():
+    commands = re.search(r"```bash\n(make serve.*?)```", README, flags=re.S).group(1)
+    serve = [line.split("#")[0].strip() for line in commands.splitlines() if line.startswith("make serve")]
+    assert serve == ["make serve"] and "make test" in commands
+    if _port_busy(8080):
+        pytest.fail("127.0.0.1:8080 is in use: stop that server (make stop) to run the README test")
+    try:
+        _bash(serve[0])
+        yield
+    finally:
+        _bash(BLOCKS["stop"])
+        for leftover in ("overlay.jpg", "request.json"):
+            (ROOT / leftover).unlink(missing_ok=True)
+
+
+def test_readme_commands_work_verbatim(readme_server):
+    raw = _curl("raw")
+    assert raw["predictions"][0]["class_id"] in CAT_CLASSES and len(raw["predictions"]) == 5
+    assert raw["cams"][0]["class_id"] == raw["predictions"][0]["class_id"] and len(raw["cams"][0]["map"]) == 7
+
+    headers = _curl("raw-headers")
+    assert len(headers["predictions"]) == 3 and headers["predictions"][0]["label"] == "Egyptian cat"
+
+    multipart = _curl("multipart")
+    assert [c["class_id"] for c in multipart["cams"]] == [p["class_id"] for p in multipart["predictions"][:2]]
+    assert all("heatmap" in c and "map" in c for c in multipart["cams"])
+
+    as_json = _curl("json")
+    assert as_json["predictions"][0]["label"] == "espresso" and as_json["cams"][0]["method"] == "gradcam++"
+
+    _bash(BLOCKS["token"] + BLOCKS["overlay"])
+    overlay = Image.open(io.BytesIO((ROOT / "overlay.jpg").read_bytes()))
+    assert overlay.format == "JPEG" and overlay.size == (451, 300)
+
+    explain = _curl("explain")
+    assert explain["predictions"][0]["class_id"] == raw["predictions"][0]["class_id"]
+    assert explain["cams"][0]["map"] == raw["cams"][0]["map"]
+
+    for name, mar in (("own-torchvision", "resnet18_10"), ("own-timm", "resnet10t"), ("own-file", "tinynet")):
+        _bash(BLOCKS[name])
+        assert (ROOT / "model_store" / f"{mar}.mar").is_file()
+    own = json.loads(_bash(BLOCKS["own-serve"]).strip().splitlines()[-1])
+    assert own["predictions"][0]["label"] in {"circle", "square", "triangle"}
+    assert len(own["predictions"]) == 3 and own["model"] == "tinynet"
