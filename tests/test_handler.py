@@ -1,0 +1,212 @@
+"""The handler in-process, driven through a real TorchServe context with a tiny seeded model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, photo
+from PIL import Image
+from safetensors.torch import save_file
+from ts.context import Context, RequestProcessor
+
+from handler.cam import compute_cams, normalize_maps
+from handler.render import image_pixels
+from handler.service import GradCamHandler
+
+LABELS = ["circle", "square", "triangle"]
+
+
+def _tinynet():
+    sys.path.insert(0, str(DATA / "tinynet"))
+    from model import TinyNet
+
+    torch.manual_seed(0)
+    return TinyNet(num_classes=3).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tinynet_archive")
+    save_file(_tinynet().state_dict(), str(folder / "model.safetensors"))
+    (folder / "model_src").mkdir()
+    shutil.copy(DATA / "tinynet" / "model.py", folder / "model_src" / "model.py")
+    (folder / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(LABELS)}))
+    return folder
+
+
+def _config(**handler) -> dict:
+    base = {"model": "model_src/model.py:TinyNet", "num_classes": 3, "target_layer": "features",
+            "input_size": [64, 64], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "topk": 3}
+    return {"batchSize": 8, "handler": {**base, **handler}}
+
+
+def _context(model_dir, config: dict) -> Context:
+    manifest = {"model": {"modelName": "tinynet", "serializedFile": "model.safetensors"}}
+    return Context("tinynet", str(model_dir), manifest, 8, None, "0.12.0", model_yaml_config=config)
+
+
+def _handler(model_dir, **handler) -> tuple[GradCamHandler, Context]:
+    context = _context(model_dir, _config(**handler))
+    service = GradCamHandler()
+    service.initialize(context)
+    return service, context
+
+
+def _batch(service, context, items: list[dict], headers: list[dict] | None = None):
+    headers = headers or [{} for _ in items]
+    context.request_processor = [RequestProcessor(h) for h in headers]
+    out = service.handle(items, context)
+    assert len(out) == len(items)
+    statuses = [context.get_response_status(i)[0] for i in range(len(items))]
+    types = [context.get_response_content_type(i) for i in range(len(items))]
+    assert types == ["application/json"] * len(items)
+    return statuses, [json.loads(o) for o in out]
+
+
+def _png(size=(80, 48), colour=(200, 30, 30)) -> bytes:
+    rng = np.random.default_rng(sum(size))
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[: size[1] // 2] = colour
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    return _handler(model_dir)
+
+
+def test_a_batch_answers_predictions_and_maps_equal_to_the_reference(served):
+    service, context = served
+    statuses, bodies = _batch(service, context, [{"body": _png()}, {"body": photo("chelsea.jpg")}])
+    assert statuses == [200, 200]
+    model = _tinynet()
+    for body, image in zip(bodies, [_png(), photo("chelsea.jpg")]):
+        assert body["batch_size"] == 2 and body["model"] == "tinynet" and body["target_layer"] == "features"
+        assert [p["label"] for p in body["predictions"]] == [LABELS[p["class_id"]] for p in body["predictions"]]
+        assert sorted(p["class_id"] for p in body["predictions"]) == [0, 1, 2]
+        assert body["grid_size"] == [8, 8]
+        # The same pixels through the reference path: resize, normalise, compute_cams.
+        pixels = image_pixels(Image.open(io.BytesIO(image)).convert("RGB"), (64, 64), Image.Resampling.BICUBIC)
+        x = (torch.tensor(pixels).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+        probs = model(x).softmax(1)[0]
+        assert body["predictions"][0]["class_id"] == int(probs.argmax())
+        np.testing.assert_allclose([p["probability"] for p in body["predictions"]],
+                                   probs.sort(descending=True).values.detach().numpy(), atol=1e-5)
+        want = normalize_maps(compute_cams(model, "features", x, [int(probs.argmax())]))[0]
+        np.testing.assert_allclose(body["cams"][0]["map"], want.numpy(), atol=1e-3)
+
+
+def test_bad_requests_fail_alone_and_the_rest_match_their_single_answers(served):
+    service, context = served
+    good = {"body": _png()}
+    _, (alone,) = _batch(service, context, [good])
+    items = [good, {"body": b""}, {"image": _png(), "topk": b"0"}, {"body": b"not an image"},
+             {"body": {"image": "!!!"}}, good]
+    statuses, bodies = _batch(service, context, items)
+    assert statuses == [200, 400, 400, 415, 400, 200]
+    assert [b.get("field") for b in bodies[1:5]] == ["body", "topk", "image", "image"]
+    assert all(b["batch_size"] == 6 for b in bodies)
+    for body in (bodies[0], bodies[5]):
+        assert [p["class_id"] for p in body["predictions"]] == [p["class_id"] for p in alone["predictions"]]
+        np.testing.assert_allclose(body["cams"][0]["map"], alone["cams"][0]["map"], atol=1e-3)
+
+
+def test_options_per_request_in_one_batch(served):
+    service, context = served
+    items = [
+        {"image": _png(), "cam_classes": "square,2", "cam_method": "layercam", "outputs": "map,heatmap"},
+        {"body": {"image": base64.b64encode(_png()).decode(), "topk": 1, "cam_classes": "none"}},
+        {"body": _png()},
+    ]
+    statuses, bodies = _batch(service, context, items, headers=[{}, {}, {"TopK": "2", "outputs": "overlay"}])
+    assert statuses == [200, 200, 200]
+    first, second, third = bodies
+    assert [(c["class_id"], c["label"], c["method"]) for c in first["cams"]] == [
+        (1, "square", "layercam"), (2, "triangle", "layercam")]
+    heat = Image.open(io.BytesIO(base64.b64decode(first["cams"][0]["heatmap"])))
+    assert heat.mode == "L" and heat.size == (80, 48)
+    assert len(second["predictions"]) == 1 and second["cams"] == []
+    assert len(third["predictions"]) == 2
+    assert set(third["cams"][0]) == {"class_id", "label", "method", "overlay"}
+    overlay = Image.open(io.BytesIO(base64.b64decode(third["cams"][0]["overlay"])))
+    assert overlay.format == "JPEG" and overlay.size == (80, 48)
+
+
+def test_frames_keep_the_aspect_and_cap_the_long_side(served):
+    service, context = served
+    _, (body,) = _batch(service, context, [{"image": _png((1500, 300)), "outputs": "heatmap"}])
+    heat = Image.open(io.BytesIO(base64.b64decode(body["cams"][0]["heatmap"])))
+    assert heat.size == (512, 102) and body["frame_size"] == [512, 102]
+    _, (thin,) = _batch(service, context, [{"image": _png((1, 50)), "outputs": "heatmap,overlay"}])
+    assert Image.open(io.BytesIO(base64.b64decode(thin["cams"][0]["heatmap"]))).size == (1, 50)
+
+
+def test_letterbox_reports_where_the_image_lies_on_the_grid(model_dir):
+    service, context = _handler(model_dir, resize="letterbox")
+    _, (body,) = _batch(service, context, [{"image": _png((128, 64)), "outputs": "map,heatmap"}])
+    assert body["resize"] == "letterbox"
+    assert body["grid_box"] == [0.0, 2.0, 8.0, 6.0]  # 64x32 of the 64x64 input, centred
+    assert Image.open(io.BytesIO(base64.b64decode(body["cams"][0]["heatmap"]))).size == (128, 64)
+
+
+def test_explain_header_gets_the_same_answer(served):
+    service, context = served
+    _, (plain,) = _batch(service, context, [{"body": _png()}])
+    _, (explained,) = _batch(service, context, [{"body": _png()}], headers=[{"explain": "True"}])
+    assert explained["cams"][0]["map"] == plain["cams"][0]["map"]
+
+
+def test_a_failing_pass_fails_its_batch_only(model_dir, monkeypatch):
+    service, context = _handler(model_dir)
+    real = service.engine.forward
+
+    def _boom(x):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(service.engine, "forward", _boom)
+    statuses, bodies = _batch(service, context, [{"body": _png()}, {"body": b""}])
+    assert statuses == [500, 400]
+    assert bodies[0]["error"] == "model_failure" and "injected fault" in bodies[0]["message"]
+
+    def _oom(x):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(service.engine, "forward", _oom)
+    statuses, bodies = _batch(service, context, [{"body": _png()}])
+    assert statuses == [507] and bodies[0]["error"] == "device_out_of_memory"
+    monkeypatch.setattr(service.engine, "forward", real)
+    statuses, _ = _batch(service, context, [{"body": _png()}])
+    assert statuses == [200]
+
+
+def test_a_response_over_the_limit_is_refused_not_sent(model_dir):
+    service, context = _handler(model_dir, max_response_bytes=4096)
+    statuses, bodies = _batch(service, context, [{"image": _png((400, 400)), "outputs": "heatmap"},
+                                                 {"body": _png()}])
+    assert statuses == [413, 200]
+    assert bodies[0]["error"] == "response_too_large" and bodies[0]["field"] == "outputs"
+
+
+def test_the_served_model_stays_frozen_and_hook_free(served):
+    service, context = served
+    _batch(service, context, [{"body": _png()}])
+    model = service.engine.model
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_bad_archive_config_fails_the_load(model_dir):
+    with pytest.raises(ValueError, match="target layer 'featurez'.*closest: features"):
+        _handler(model_dir, target_layer="featurez")
+    with pytest.raises(ValueError, match="unknown handler config keys: colour"):
+        _handler(model_dir, colour="red")
