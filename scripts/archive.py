@@ -271,7 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     srv.add_argument("--response-timeout", type=int, default=120, metavar="S")
     srv.add_argument("--device-type", choices=("auto", "cpu", "gpu"), default="auto")
     cam = p.add_argument_group("handler defaults (requests may override the first four)")
-    cam.add_argument("--topk", type=int, default=None, help="predictions per image (default: 5, or all classes if fewer)")
+    cam.add_argument("--topk", type=int, default=None,
+                     help="predictions per image (default: 5, or all classes if fewer)")
     cam.add_argument("--cam-classes", default="top1", help="top1, topN, none or a class list")
     cam.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam")
     cam.add_argument("--outputs", default="map", help="comma list of map, heatmap, overlay")
@@ -380,7 +381,8 @@ def run(args: argparse.Namespace) -> int:
             "target_layer": args.target_layer, "resize": args.resize,
             "input_size": [int(v) for v in prep["input_size"]], "interpolation": prep["interpolation"],
             "mean": prep["mean"], "std": prep["std"], "precision": args.precision,
-            "channels_last": args.channels_last, "topk": args.topk or min(5, num_classes), "cam_classes": args.cam_classes,
+            "channels_last": args.channels_last, "topk": args.topk or min(5, num_classes),
+            "cam_classes": args.cam_classes,
             "cam_method": args.cam_method, "outputs": args.outputs, "max_side": args.max_side,
             "max_cams": args.max_cams,
         })
