@@ -119,6 +119,8 @@ class GradCamHandler:
         defaults = {k: getattr(config, k) for k in OPTION_NAMES}
         self.defaults = parse_defaults(defaults, self.label_index, config.num_classes, self.limits)
         self.resample = _RESAMPLE[config.interpolation]
+        # Letterbox padding is the mean colour: zero after normalisation.
+        self.fill = np.round(np.asarray(config.mean) * 255).astype(np.uint8)
         # Dry batch: a broken target layer or head fails the load, not the first request.
         warm = Image.new("RGB", tuple(reversed(config.input_size)), (128, 128, 128))
         self._run([_Job(0, warm, self.defaults)])
@@ -198,7 +200,7 @@ class GradCamHandler:
         w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
         x0, y0 = (width - w) // 2, (height - h) // 2
         canvas = np.empty((height, width, 3), dtype=np.uint8)
-        canvas[:] = np.round(np.asarray(self.config.mean) * 255).astype(np.uint8)
+        canvas[:] = self.fill
         canvas[y0 : y0 + h, x0 : x0 + w] = image_pixels(image, (w, h), self.resample)
         return canvas, (x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height)
 
