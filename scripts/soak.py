@@ -48,10 +48,11 @@ def mix(good_share: float) -> list[Case]:
     good = [Case(f"photo {n}", {"files": {"image": (n, (ROOT / "tests" / "data" / n).read_bytes())}}, 200)
             for n in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
     bad = [c for c in bad_cases(25165824) if c.name != "body over max_request_size"] + odd_cases()
-    per_bad = max(1, round(good_share / (1 - good_share)))
+    per_bad = max(1, round(good_share / (1 - good_share)))  # good photos per bad case
+    photos = itertools.cycle(good)
     cycle = []
     for b in bad:
-        cycle.extend(good * per_bad)
+        cycle.extend(next(photos) for _ in range(per_bad))
         cycle.append(b)
     return cycle
 
