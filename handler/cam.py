@@ -189,20 +189,20 @@ class CamPass:
         try:
             if batched and rounds > 1:
                 seed = self.logits.new_zeros((rounds, *self.logits.shape))
-                for r, (row, cls) in enumerate(zip(rows, classes)):
+                for r, (row, cls) in enumerate(zip(rows, classes, strict=True)):
                     seed[r, row, cls] = 1.0
                 (grads,) = torch.autograd.grad(
                     self.logits, self.activation, grad_outputs=seed, is_grads_batched=True
                 )
                 return grads
             grads = []
-            for r, (row, cls) in enumerate(zip(rows, classes)):
+            for r, (row, cls) in enumerate(zip(rows, classes, strict=True)):
                 score = self.logits[row, cls].sum()
                 (grad,) = torch.autograd.grad(
                     score, self.activation, retain_graph=r < rounds - 1, allow_unused=False
                 )
                 grads.append(grad)
-            return torch.stack(grads)
+            return grads[0][None] if rounds == 1 else torch.stack(grads)
         except RuntimeError as exc:
             if "does not require grad" in str(exc) or "not have been used" in str(exc):
                 raise RuntimeError("target score is not connected to the target layer") from exc
@@ -390,7 +390,7 @@ class CamEngine:
         input_size: tuple[int, int] = (224, 224),
         precision: str = "fp32",
         channels_last: bool = False,
-        batched_targets: bool = False,
+        batched_targets: bool = True,
     ) -> None:
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, not '{precision}'")
@@ -432,31 +432,48 @@ class CamEngine:
 
         Several targets may name the same image: they are split into rounds with at most one
         target per image, each round one gradient pass (or one vmapped pass for all rounds).
+
+        Raises:
+            ValueError: if ``rows``, ``classes`` and ``methods`` differ in length.
         """
-        if rows.numel() == 0:
-            return cam_pass.activation.new_zeros((0, *cam_pass.activation.shape[2:]), dtype=torch.float32)
-        rounds = _rounds(rows)
-        round_rows = [rows[rounds == r] for r in range(int(rounds.max()) + 1)]
-        round_classes = [classes[rounds == r] for r in range(len(round_rows))]
-        grads = cam_pass.gradients(round_rows, round_classes, self.batched_targets)
-        g = grads[rounds, rows]
-        a = cam_pass.activation.detach()[rows]
-        out = torch.empty((rows.numel(), *a.shape[2:]), device=a.device, dtype=torch.float32)
-        for method in sorted(set(methods)):
-            pick = torch.tensor([m == method for m in methods], device=a.device)
+        count = rows.numel()
+        if classes.numel() != count or len(methods) != count:
+            raise ValueError("rows, classes and methods must hold one entry per target")
+        activation = cam_pass.activation.detach()
+        if count == 0:
+            return activation.new_zeros((0, *activation.shape[2:]), dtype=torch.float32)
+        # Rounds are worked out on the host: one small copy, where boolean masks on the device
+        # would wait for the device once per round and once per method.
+        host_rows = rows.tolist()
+        rounds, seen = [], {}
+        for row in host_rows:
+            rounds.append(seen.get(row, 0))
+            seen[row] = rounds[-1] + 1
+        if max(rounds) == 0:
+            grads = cam_pass.gradients([rows], [classes], self.batched_targets)[0]
+            if host_rows == list(range(activation.shape[0])):
+                g, a = grads, activation  # one target per image, in order: no gathers
+            else:
+                g, a = grads[rows], activation[rows]
+        else:
+            picks = [_index([p for p, r in enumerate(rounds) if r == k], rows.device)
+                     for k in range(max(rounds) + 1)]
+            grads = cam_pass.gradients([rows[i] for i in picks], [classes[i] for i in picks],
+                                       self.batched_targets)
+            g, a = grads[_index(rounds, rows.device), rows], activation[rows]
+        kinds = sorted(set(methods))
+        if len(kinds) == 1:
+            return cam_weights(kinds[0], a, g)
+        out = torch.empty((count, *a.shape[2:]), device=a.device, dtype=torch.float32)
+        for method in kinds:
+            pick = _index([p for p, m in enumerate(methods) if m == method], a.device)
             out[pick] = cam_weights(method, a[pick], g[pick])
         return out
 
 
-def _rounds(rows: Tensor) -> Tensor:
-    """For each target, how many earlier targets named the same image (its round)."""
-    order = torch.argsort(rows, stable=True)
-    sorted_rows = rows[order]
-    first = torch.searchsorted(sorted_rows, sorted_rows, right=False)
-    rank = torch.arange(rows.numel(), device=rows.device) - first
-    out = torch.empty_like(rank)
-    out[order] = rank
-    return out
+def _index(values: list[int], device: torch.device) -> Tensor:
+    """A host list as a device index tensor, copied without waiting for the device."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 def to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

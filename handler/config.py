@@ -59,7 +59,7 @@ class ServeConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     precision: str = "fp32"
     channels_last: bool = False
-    batched_targets: bool = False
+    batched_targets: bool = True
     topk: int = 5
     cam_classes: str = "top1"
     cam_method: str = "gradcam"
