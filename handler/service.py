@@ -205,6 +205,7 @@ class GradCamHandler:
         return canvas, (x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height)
 
     def _run(self, jobs: list[_Job]) -> list[dict]:
+        """One forward and gradient pass for the jobs of a batch; their JSON bodies, in order."""
         engine, config = self.engine, self.config
         n = len(jobs)
         height, width = config.input_size
@@ -220,25 +221,8 @@ class GradCamHandler:
                 max(j.options.cam_classes.count for j in jobs))
         top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
 
-        # Targets: (image row, class, method), in the order the responses list them.
-        rows, classes, methods, top_rows = [], [], [], []
-        for j, job in enumerate(jobs):
-            sel = job.options.cam_classes
-            if sel.mode == "top":
-                top_rows.extend((len(rows) + r, j, r) for r in range(sel.count))
-                ids = [0] * sel.count  # filled on the device from top_i below
-            elif sel.mode == "ids":
-                ids = list(sel.class_ids)
-            else:
-                ids = []
-            rows.extend([j] * len(ids))
-            classes.extend(ids)
-            methods.extend([job.options.cam_method] * len(ids))
+        rows, classes_t, methods = self._targets(jobs, top_i)
         rows_t = torch.tensor(rows, dtype=torch.long, device=engine.device)
-        classes_t = torch.tensor(classes, dtype=torch.long, device=engine.device)
-        if top_rows:
-            slot, img, rank = (torch.tensor(c, device=engine.device) for c in zip(*top_rows))
-            classes_t[slot] = top_i[img, rank]
         maps = normalize_maps(engine.cams(cam_pass, rows_t, classes_t, methods))
 
         # Heatmaps and overlays only for the targets whose request asks for them.
@@ -259,6 +243,11 @@ class GradCamHandler:
                 host_in["overlay"] = self._overlays(jobs, rows, drawn, blended, frames, heat)
         host = {k: v.cpu().numpy() for k, v in to_host(host_in).items()}
 
+        return self._bodies(jobs, boxes, rows, methods, wants, frames, drawn, blended, host,
+                            maps.shape[1:])
+
+    def _bodies(self, jobs, boxes, rows, methods, wants, frames, drawn, blended, host, grid) -> list[dict]:
+        """One JSON body per job from the batch's host arrays."""
         bodies = []
         first_target = 0
         at_drawn = {p: i for i, p in enumerate(drawn)}
@@ -282,12 +271,33 @@ class GradCamHandler:
                         cam["heatmap"] = png_base64(host["heat"][at_drawn[p], :fh, :fw])
                     if "overlay" in wants[p]:
                         cam["overlay"] = jpeg_base64(host["overlay"][at_blended[p], :fh, :fw],
-                                                     config.overlay_quality)
+                                                     self.config.overlay_quality)
                 body["cams"].append(cam)
             first_target += count
-            body.update(self._geometry(job, boxes[j], maps.shape[1:]))
+            body.update(self._geometry(job, boxes[j], grid))
             bodies.append(body)
         return bodies
+
+    def _targets(self, jobs: list[_Job], top_i: torch.Tensor) -> tuple[list[int], torch.Tensor, list[str]]:
+        """Every (image row, class, method) target of the batch, in response order."""
+        rows, classes, methods, top_rows = [], [], [], []
+        for j, job in enumerate(jobs):
+            sel = job.options.cam_classes
+            if sel.mode == "top":
+                top_rows.extend((len(rows) + r, j, r) for r in range(sel.count))
+                ids = [0] * sel.count  # filled on the device from top_i below
+            elif sel.mode == "ids":
+                ids = list(sel.class_ids)
+            else:
+                ids = []
+            rows.extend([j] * len(ids))
+            classes.extend(ids)
+            methods.extend([job.options.cam_method] * len(ids))
+        classes_t = torch.tensor(classes, dtype=torch.long, device=top_i.device)
+        if top_rows:
+            slot, img, rank = (torch.tensor(c, device=top_i.device) for c in zip(*top_rows))
+            classes_t[slot] = top_i[img, rank]
+        return rows, classes_t, methods
 
     def _overlays(self, jobs, rows, drawn, blended, frames, heat) -> torch.Tensor:
         """Blend the colour-mapped heat onto each image's display copy, on the device."""
