@@ -61,6 +61,30 @@ class _Job:
     options: Options
 
 
+class _Metrics:
+    """The handler's metrics, declared in metrics.yaml; the server exports them (prometheus)."""
+
+    def __init__(self, cache, model_name: str) -> None:
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        self.dims = [model_name, "Model"]
+        self.gauges = {name: cache.get_metric(name, MetricTypes.GAUGE) for name in (
+            "GradcamBatchSize", "GradcamDecodeTime", "GradcamPassTime", "GradcamRenderTime")}
+        self.counters = {name: cache.get_metric(name, MetricTypes.COUNTER) for name in (
+            "GradcamBatches", "GradcamMaps", "GradcamRejected")}
+
+    def batch(self, size: int, decode_ms: float, pass_ms: float, render_ms: float, maps: int) -> None:
+        for name, value in (("GradcamBatchSize", size), ("GradcamDecodeTime", decode_ms),
+                            ("GradcamPassTime", pass_ms), ("GradcamRenderTime", render_ms)):
+            self.gauges[name].add_or_update(value, self.dims)
+        self.counters["GradcamBatches"].add_or_update(1, [*self.dims, str(size)])
+        if maps:
+            self.counters["GradcamMaps"].add_or_update(maps, self.dims)
+
+    def rejected(self, reason: str) -> None:
+        self.counters["GradcamRejected"].add_or_update(1, [*self.dims, reason])
+
+
 def _device(context) -> torch.device:
     gpu_id = context.system_properties.get("gpu_id")
     if torch.cuda.is_available() and gpu_id is not None:
@@ -79,6 +103,7 @@ class GradCamHandler:
 
     def __init__(self) -> None:
         self.initialized = False
+        self.metrics: _Metrics | None = None
 
     # ------------------------------------------------------------------ load
 
@@ -124,6 +149,8 @@ class GradCamHandler:
         # Dry batch: a broken target layer or head fails the load, not the first request.
         warm = Image.new("RGB", tuple(reversed(config.input_size)), (128, 128, 128))
         self._run([_Job(0, warm, self.defaults)])
+        metrics = getattr(context, "metrics", None)
+        self.metrics = _Metrics(metrics, self.model_name) if metrics is not None else None
         self.initialized = True
         logger.info(
             "loaded %s (%s) on %s, target layer %s, input %s, %s",
@@ -149,9 +176,10 @@ class GradCamHandler:
             except HandlerError as err:
                 responses[idx] = self._fail(context, idx, err, len(data))
         decoded = time.perf_counter()
+        timings = {"pass": 0.0, "render": 0.0, "maps": 0}
         if jobs:
             try:
-                bodies = self._run(jobs)
+                bodies = self._run(jobs, timings)
             except HandlerError as err:
                 bodies = [err] * len(jobs)
             except torch.OutOfMemoryError:
@@ -164,10 +192,11 @@ class GradCamHandler:
                 bodies = [ModelFailure(f"inference failed: {type(exc).__name__}: {exc}")] * len(jobs)
             for job, body in zip(jobs, bodies):
                 responses[job.idx] = self._answer(context, job.idx, body, len(data))
-        logger.debug(
-            "batch of %d: decode %.1f ms, pass+render %.1f ms",
-            len(data), (decoded - started) * 1e3, (time.perf_counter() - decoded) * 1e3,
-        )
+        decode_ms = (decoded - started) * 1e3
+        logger.debug("batch of %d: decode %.1f ms, pass %.1f ms, render %.1f ms",
+                     len(data), decode_ms, timings["pass"], timings["render"])
+        if self.metrics is not None:
+            self.metrics.batch(len(data), decode_ms, timings["pass"], timings["render"], timings["maps"])
         return responses
 
     def _answer(self, context, idx: int, body: dict | HandlerError, batch_size: int) -> str:
@@ -182,9 +211,10 @@ class GradCamHandler:
         context.set_response_content_type(idx, _JSON)
         return text
 
-    @staticmethod
-    def _fail(context, idx: int, err: HandlerError, batch_size: int) -> str:
+    def _fail(self, context, idx: int, err: HandlerError, batch_size: int) -> str:
         logger.info("request %d of %d rejected: %s %s", idx, batch_size, err.status, err.message)
+        if self.metrics is not None:
+            self.metrics.rejected(err.kind)
         context.set_response_status(err.status, err.kind, idx)
         context.set_response_content_type(idx, _JSON)
         return json.dumps({**error_body(err), "batch_size": batch_size})
@@ -204,8 +234,12 @@ class GradCamHandler:
         canvas[y0 : y0 + h, x0 : x0 + w] = image_pixels(image, (w, h), self.resample)
         return canvas, (x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height)
 
-    def _run(self, jobs: list[_Job]) -> list[dict]:
-        """One forward and gradient pass for the jobs of a batch; their JSON bodies, in order."""
+    def _run(self, jobs: list[_Job], timings: dict | None = None) -> list[dict]:
+        """One forward and gradient pass for the jobs of a batch; their JSON bodies, in order.
+
+        ``timings`` receives the pass and render times (ms) and the number of maps.
+        """
+        started = time.perf_counter()
         engine, config = self.engine, self.config
         n = len(jobs)
         height, width = config.input_size
@@ -242,9 +276,13 @@ class GradCamHandler:
             if blended:
                 host_in["overlay"] = self._overlays(jobs, rows, drawn, blended, frames, heat)
         host = {k: v.cpu().numpy() for k, v in to_host(host_in).items()}
-
-        return self._bodies(jobs, boxes, rows, methods, wants, frames, drawn, blended, host,
-                            maps.shape[1:])
+        passed = time.perf_counter()
+        bodies = self._bodies(jobs, boxes, rows, methods, wants, frames, drawn, blended, host, maps.shape[1:])
+        if timings is not None:
+            timings["maps"] = len(rows)
+            timings["pass"] = (passed - started) * 1e3
+            timings["render"] = (time.perf_counter() - passed) * 1e3
+        return bodies
 
     def _bodies(self, jobs, boxes, rows, methods, wants, frames, drawn, blended, host, grid) -> list[dict]:
         """One JSON body per job from the batch's host arrays."""

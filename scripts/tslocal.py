@@ -67,6 +67,8 @@ class LocalServer:
             grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()),
             model_store=str(self.model_store), load_models=",".join(models),
         )
+        if "metrics_config" in self.props:  # relative to the repo, where config.properties lives
+            self.props["metrics_config"] = str(ROOT / self.props["metrics_config"])
         self.props.update(overrides or {})
         self.url = self.props["inference_address"]
         self.management_url = self.props["management_address"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -148,3 +149,42 @@ def test_requests_without_the_token_are_refused(server):
     assert requests.get(f"{server.url}/ping", timeout=30).status_code == 400
     assert json.loads(requests.get(f"{server.url}/ping", headers=server.auth(), timeout=30).text)["status"] \
         == "Healthy"
+
+
+def _metric_rows(server, name: str) -> list[tuple[dict, float]]:
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
+    rows = []
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("}", 1)
+            pairs = dict(p.split("=", 1) for p in labels.rstrip(",").split(","))
+            rows.append(({k: v.strip('"') for k, v in pairs.items()}, float(value)))
+    return rows
+
+
+def test_handler_metrics_reach_the_prometheus_endpoint(server):
+    def batches_seen() -> float:
+        return sum(int(labels["BatchSize"]) * count
+                   for labels, count in _metric_rows(server, "GradcamBatches")
+                   if labels["ModelName"] == DEFAULT)
+
+    before = batches_seen()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: server.predict(
+            DEFAULT, files={"image": ("x.jpg", photo("chelsea.jpg"))}, data={"topk": "0" if i == 5 else "3"}),
+            range(16)))
+    assert sorted(r.status_code for r in answers) == [200] * 15 + [400]
+    # Every request counted once, in the batch it ran in (the frontend reads worker metrics
+    # from the worker's log stream, so give it a moment).
+    deadline = time.monotonic() + 10
+    while batches_seen() - before < 16 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert batches_seen() - before == 16
+    sizes = {int(labels["BatchSize"]) for labels, _ in _metric_rows(server, "GradcamBatches")}
+    assert max(sizes) > 1 and sizes <= set(range(1, 9))
+    rejected = {labels["Reason"]: n for labels, n in _metric_rows(server, "GradcamRejected")
+                if labels["ModelName"] == DEFAULT}
+    assert rejected.get("invalid_option", 0) >= 1
+    assert any(n >= 15 for labels, n in _metric_rows(server, "GradcamMaps") if labels["ModelName"] == DEFAULT)
+    for gauge in ("GradcamBatchSize", "GradcamDecodeTime", "GradcamPassTime", "GradcamRenderTime"):
+        assert [v for labels, v in _metric_rows(server, gauge) if labels["ModelName"] == DEFAULT], gauge
