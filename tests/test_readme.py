@@ -73,6 +73,10 @@ def test_readme_commands_work_verbatim(readme_server):
     assert explain["predictions"][0]["class_id"] == raw["predictions"][0]["class_id"]
     assert explain["cams"][0]["map"] == raw["cams"][0]["map"]
 
+    load = _bash(BLOCKS["load"])
+    assert "| requests | req/s | p50 ms | p90 ms | p99 ms | max ms | errors |" in load
+    assert "Errors by status: none" in load and "Server batch sizes" in load
+
     for name, mar in (("own-torchvision", "resnet18_10"), ("own-timm", "resnet10t"), ("own-file", "tinynet")):
         _bash(BLOCKS[name])
         assert (ROOT / "model_store" / f"{mar}.mar").is_file()

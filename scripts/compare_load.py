@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""What Grad-CAM costs under load, against what a TorchServe user has without this project.
+
+In one run, on loopback, same machine, same model (tf_efficientnet_lite0 with the default
+archive's weights), same photos, concurrency 16, batchSize 8, in alternating rounds so machine
+drift hits every row alike:
+
+  - this handler, predictions only (cam_classes=none)
+  - this handler, predictions + low-res Grad-CAM map
+  - this handler, predictions + map + overlay JPEG
+  - TorchServe's stock image_classifier answering /explanations (Captum Integrated Gradients)
+  - TorchServe's stock image_classifier answering /predictions (no maps): the floor
+
+Builds the stock archive itself, starts both servers (private, free ports), stops them at the
+end. Prints a table and writes bench_results/compare_load.json.
+
+  .venv/bin/python scripts/compare_load.py --duration 60 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadtest  # noqa: E402
+from tslocal import ROOT, LocalServer  # noqa: E402
+
+MODEL = "efficientnet_lite0"
+ROWS = [  # (label, server, route, outputs)
+    ("handler: predictions only", "ours", "predictions", "predictions"),
+    ("handler: + Grad-CAM map", "ours", "predictions", "map"),
+    ("handler: + map + overlay", "ours", "predictions", "overlay"),
+    ("stock image_classifier /explanations (Captum IG)", "stock", "explanations", "stock"),
+    ("stock image_classifier /predictions", "stock", "predictions", "stock"),
+]
+
+
+def build_stock_archive(ours: Path, store: Path) -> Path:
+    """The same weights under the stock image_classifier handler, batchSize 8."""
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    work = store / "stock_build"
+    work.mkdir(parents=True)
+    with zipfile.ZipFile(ours) as mar:
+        mar.extract("model.safetensors", work)
+        mar.extract("index_to_name.json", work)
+    state = load_file(str(work / "model.safetensors"))
+    torch.save({f"net.{k}": v for k, v in state.items()}, work / "lite0.pth")
+    config = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 10, "responseTimeout": 300}
+    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
+    (work / "tmp").mkdir()
+    tool = Path(sys.executable).parent / "torch-model-archiver"
+    subprocess.run([str(tool), "--model-name", "stock_lite0", "--version", "1.0",
+                    "--model-file", str(ROOT / "scripts" / "stock" / "lite0_model.py"),
+                    "--serialized-file", str(work / "lite0.pth"), "--handler", "image_classifier",
+                    "--extra-files", str(work / "index_to_name.json"),
+                    "--config-file", str(work / "model-config.yaml"), "--export-path", str(store), "--force"],
+                   check=True, env=dict(os.environ, TMPDIR=str(work / "tmp")))
+    return store / "stock_lite0.mar"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=int, default=60, help="seconds per row per round")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("-u", "--users", type=int, default=16)
+    p.add_argument("--json-out", type=Path, default=ROOT / "bench_results" / "compare_load.json")
+    args = p.parse_args(argv)
+
+    ours = ROOT / "model_store" / f"{MODEL}.mar"
+    if not ours.exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py")], check=True)
+    results: dict[str, list[dict]] = {label: [] for label, *_ in ROWS}
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        tmp = Path(tmp)
+        store = tmp / "store"
+        store.mkdir()
+        (store / ours.name).symlink_to(ours)
+        build_stock_archive(ours, store)
+        with LocalServer(store, [ours.name], tmp / "ours") as mine, \
+                LocalServer(store, ["stock_lite0.mar"], tmp / "stock") as stock:
+            servers = {"ours": (mine, MODEL), "stock": (stock, "stock_lite0")}
+            for rnd in range(args.rounds):
+                for label, which, route, outputs in ROWS:
+                    server, model = servers[which]
+                    print(f"[compare] round {rnd + 1}/{args.rounds}: {label}", flush=True)
+                    report = loadtest.main([
+                        "--url", server.url, "--metrics-url", server.metrics_url if which == "ours" else "",
+                        "--token", server.token, "--model", model, "--route", route, "--outputs", outputs,
+                        "-u", str(args.users), "--duration", str(args.duration), "-q",
+                        "--out", str(tmp / f"load-{rnd}-{which}-{route}-{outputs}")])
+                    results[label].append(report)
+
+    def med(label: str, key: str) -> float:
+        values = [r[key] if key != "p99" else r["latency_ms"]["p99"] for r in results[label]]
+        return statistics.median(values)
+
+    base = med(ROWS[0][0], "requests_per_s")
+    stock_explain = med(ROWS[3][0], "requests_per_s")
+    table = []
+    for label, *_ in ROWS:
+        rps = med(label, "requests_per_s")
+        table.append({
+            "row": label, "requests_per_s": rps, "p99_ms": med(label, "p99"),
+            "vs_predictions_only": round(rps / base, 3) if base else None,
+            "vs_stock_explanations": round(rps / stock_explain, 1) if stock_explain else None,
+            "errors": sum(r["failures"] for r in results[label]),
+            "mean_batch_size": [r["mean_batch_size"] for r in results[label]],
+        })
+    summary = {"users": args.users, "duration_s": args.duration, "rounds": args.rounds,
+               "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+               "cpus": os.cpu_count(), "table": table, "runs": results}
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(summary, indent=2))
+    print(f"\n{args.users} users, {args.duration} s x {args.rounds} rounds per row (median), {os.cpu_count()} CPUs\n")
+    print("| row | req/s | p99 ms | vs predictions only | vs stock /explanations | errors |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in table:
+        print(f"| {row['row']} | {row['requests_per_s']:.2f} | {row['p99_ms']:.0f} | {row['vs_predictions_only']}x | "
+              f"{row['vs_stock_explanations']}x | {row['errors']} |")
+    print(f"\nJSON: {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
