@@ -310,9 +310,7 @@ def run(args: argparse.Namespace) -> int:
         args.name = DEFAULT_NAME if args.model == DEFAULT_MODEL else args.model.rsplit(":", 1)[-1].lower()
     target = Path(args.export_path) / f"{args.name}.mar"
     if target.exists() and not args.force and not args.list_layers:
-        raise_exit = f"{target} exists; pass --force to overwrite it"
-        logger.error("error: %s", raise_exit)
-        return 2
+        raise ArchiveError(f"{target} exists; pass --force to overwrite it")
     try:
         kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as exc:
