@@ -36,6 +36,8 @@ __all__ = [
     "to_uint8",
     "blend",
     "to_host",
+    "device_tensor",
+    "device_index",
 ]
 
 METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
@@ -328,16 +330,25 @@ def normalize_maps(cams: Tensor) -> Tensor:
     return cams / (cams.flatten(1).amax(dim=1)[:, None, None] + _EPS)
 
 
-def upsample_maps(maps: Tensor, frames: Frames) -> Tensor:
+def upsample_maps(maps: Tensor, frames: Frames, out_size: tuple[int, int] | None = None) -> Tensor:
     """Bilinear upsampling of ``(P, h, w)`` maps into each frame, padded to the largest.
 
     One ``grid_sample`` for all maps: equal to ``F.interpolate(..., mode="bilinear")`` per map
     when the box is the whole input, and it crops letterbox padding away otherwise.
 
+    Args:
+        maps: ``(P, h, w)`` maps.
+        frames: each map's output frame and image box.
+        out_size: ``(H, W)`` of the output, at least every frame's size. Pass it when the
+            frames are known on the host: otherwise it is read back from ``frames.size``,
+            which waits for the device.
+
     Returns:
         ``(P, H, W)`` float maps; pixels past a frame's own size are padding.
     """
-    height, width = (int(v) for v in frames.size.amax(dim=0).tolist())
+    if out_size is None:
+        out_size = tuple(int(v) for v in frames.size.amax(dim=0).tolist())
+    height, width = out_size
     grid = _sampling_grid(frames, height, width)
     out = F.grid_sample(
         maps[:, None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False
@@ -427,24 +438,35 @@ class CamEngine:
         """One forward in which autograd records only the head above the target layer."""
         return _forward(self.model, self.layer, x, self.autocast)
 
-    def cams(self, cam_pass: CamPass, rows: Tensor, classes: Tensor, methods: Sequence[str]) -> Tensor:
+    def cams(
+        self, cam_pass: CamPass, rows: Sequence[int] | Tensor, classes: Tensor, methods: Sequence[str]
+    ) -> Tensor:
         """Raw maps ``(P, h, w)`` for P (image row, class, method) targets of one pass.
 
         Several targets may name the same image: they are split into rounds with at most one
         target per image, each round one gradient pass (or one vmapped pass for all rounds).
 
+        Args:
+            cam_pass: what :meth:`forward` returned.
+            rows: the image row of each target. Pass a host sequence: a device tensor has to
+                be read back first, which waits for the forward to finish.
+            classes: the class of each target, a tensor on the model's device.
+            methods: the CAM method of each target.
+
         Raises:
             ValueError: if ``rows``, ``classes`` and ``methods`` differ in length.
         """
-        count = rows.numel()
+        # Rounds are worked out on the host, where boolean masks on the device would wait for
+        # the device once per round and once per method.
+        host_rows = rows.tolist() if isinstance(rows, Tensor) else [int(r) for r in rows]
+        count = len(host_rows)
         if classes.numel() != count or len(methods) != count:
             raise ValueError("rows, classes and methods must hold one entry per target")
         activation = cam_pass.activation.detach()
         if count == 0:
             return activation.new_zeros((0, *activation.shape[2:]), dtype=torch.float32)
-        # Rounds are worked out on the host: one small copy, where boolean masks on the device
-        # would wait for the device once per round and once per method.
-        host_rows = rows.tolist()
+        device = activation.device
+        rows = device_index(host_rows, device)
         rounds, seen = [], {}
         for row in host_rows:
             rounds.append(seen.get(row, 0))
@@ -456,24 +478,34 @@ class CamEngine:
             else:
                 g, a = grads[rows], activation[rows]
         else:
-            picks = [_index([p for p, r in enumerate(rounds) if r == k], rows.device)
+            picks = [device_index([p for p, r in enumerate(rounds) if r == k], device)
                      for k in range(max(rounds) + 1)]
             grads = cam_pass.gradients([rows[i] for i in picks], [classes[i] for i in picks],
                                        self.batched_targets)
-            g, a = grads[_index(rounds, rows.device), rows], activation[rows]
+            g, a = grads[device_index(rounds, device), rows], activation[rows]
         kinds = sorted(set(methods))
         if len(kinds) == 1:
             return cam_weights(kinds[0], a, g)
         out = torch.empty((count, *a.shape[2:]), device=a.device, dtype=torch.float32)
         for method in kinds:
-            pick = _index([p for p, m in enumerate(methods) if m == method], a.device)
+            pick = device_index([p for p, m in enumerate(methods) if m == method], device)
             out[pick] = cam_weights(method, a[pick], g[pick])
         return out
 
 
-def _index(values: list[int], device: torch.device) -> Tensor:
-    """A host list as a device index tensor, copied without waiting for the device."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+def device_tensor(values, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """Host values (lists, tuples, numbers) as a tensor on ``device``, copied without waiting.
+
+    ``torch.tensor(values, device=cuda)`` copies synchronously, which first waits for all the
+    work queued on the device; built on the host and copied with ``non_blocking``, the copy
+    just joins the queue.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def device_index(values: Sequence[int], device: torch.device | str) -> Tensor:
+    """A host list of indices as a long tensor on ``device``, copied without waiting."""
+    return device_tensor(list(values), device, torch.long)
 
 
 def to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -45,6 +45,12 @@ class ServeConfig:
         max_image_bytes: largest encoded image accepted.
         max_pixels: largest decoded image accepted (width x height).
         max_response_bytes: largest response body; keep under the server's max_response_size.
+        malloc_mmap_threshold_mib: glibc malloc serves host blocks up to this size from its heap
+            instead of fresh zeroed pages (0: leave glibc's default, 128 KiB rising to 32 MiB).
+        malloc_trim_threshold_mib: glibc keeps up to this much freed heap memory instead of
+            returning it to the system (0: glibc's default). With both, a worker reuses the
+            memory of the last batch instead of faulting it in again: on the CPU a batch runs
+            about twice as fast, for the price of keeping its peak working set resident.
     """
 
     model: str = "timm:tf_efficientnet_lite0"
@@ -71,6 +77,8 @@ class ServeConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_response_bytes: int = 16 * 1024 * 1024
+    malloc_mmap_threshold_mib: int = 256
+    malloc_trim_threshold_mib: int = 1024
 
     @classmethod
     def from_dict(cls, data: dict | None) -> ServeConfig:
@@ -128,6 +136,10 @@ class ServeConfig:
         _check(all(v > 0 for v in self.std), "std", "positive")
         _check(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
         _check(isinstance(self.channels_last, bool), "channels_last", "true or false")
+        for key in ("malloc_mmap_threshold_mib", "malloc_trim_threshold_mib"):
+            value = getattr(self, key)
+            _check(isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2047, key,
+                   "0 (glibc's default) or a size in MiB up to 2047 (mallopt takes an int)")
         _check(isinstance(self.batched_targets, bool), "batched_targets", "true or false")
         _check(isinstance(self.overlay_alpha, (int, float)) and 0 <= self.overlay_alpha <= 1,
                "overlay_alpha", "a number in [0, 1]")

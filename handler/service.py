@@ -17,7 +17,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handler.cam import CamEngine, Frames, blend, normalize_maps, to_host, to_uint8, upsample_maps
+from handler.cam import (
+    CamEngine,
+    Frames,
+    blend,
+    device_index,
+    device_tensor,
+    normalize_maps,
+    to_host,
+    to_uint8,
+    upsample_maps,
+)
 from handler.codec import (
     OPTION_NAMES,
     CodecLimits,
@@ -36,6 +46,7 @@ from handler.errors import (
     ResponseTooLarge,
     error_body,
 )
+from handler.host import tune_malloc
 from handler.models import build_model, load_state_dict_strict, read_labels
 from handler.render import grid_values, image_pixels, jpeg_base64, png_base64
 
@@ -115,6 +126,8 @@ class GradCamHandler:
         self.config = config = ServeConfig.from_dict(yaml_config.get("handler"))
         self.model_name = getattr(context, "model_name", None) or context.manifest["model"]["modelName"]
         weights_name = context.manifest["model"].get("serializedFile", "model.safetensors")
+        # Once per worker process, before the first large allocation.
+        tune_malloc(config.malloc_mmap_threshold_mib, config.malloc_trim_threshold_mib)
 
         model = build_model(config.model, config.num_classes, config.model_kwargs, model_dir)
         load_state_dict_strict(model, _load_weights(model_dir / weights_name))
@@ -256,8 +269,7 @@ class GradCamHandler:
         top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
 
         rows, classes_t, methods = self._targets(jobs, top_i)
-        rows_t = torch.tensor(rows, dtype=torch.long, device=engine.device)
-        maps = normalize_maps(engine.cams(cam_pass, rows_t, classes_t, methods))
+        maps = normalize_maps(engine.cams(cam_pass, rows, classes_t, methods))
 
         # Heatmaps and overlays only for the targets whose request asks for them.
         wants = [set(jobs[r].options.outputs) for r in rows]
@@ -267,11 +279,14 @@ class GradCamHandler:
         frames = [_frame_size(jobs[rows[p]].image.width, jobs[rows[p]].image.height, config.max_side)
                   for p in drawn]
         if drawn:
+            # Built on the host and copied without waiting: nothing before the one host copy
+            # below waits for the device.
             frame_t = Frames(
-                size=torch.tensor(frames, device=engine.device),
-                box=torch.tensor([boxes[rows[p]] for p in drawn], device=engine.device),
+                size=device_tensor(frames, engine.device),
+                box=device_tensor([boxes[rows[p]] for p in drawn], engine.device),
             )
-            heat = to_uint8(upsample_maps(maps[drawn], frame_t))
+            out_size = (max(f[0] for f in frames), max(f[1] for f in frames))
+            heat = to_uint8(upsample_maps(maps[device_index(drawn, engine.device)], frame_t, out_size))
             host_in["heat"] = heat
             if blended:
                 host_in["overlay"] = self._overlays(jobs, rows, drawn, blended, frames, heat)
@@ -331,9 +346,9 @@ class GradCamHandler:
             rows.extend([j] * len(ids))
             classes.extend(ids)
             methods.extend([job.options.cam_method] * len(ids))
-        classes_t = torch.tensor(classes, dtype=torch.long, device=top_i.device)
+        classes_t = device_index(classes, top_i.device)
         if top_rows:
-            slot, img, rank = (torch.tensor(c, device=top_i.device) for c in zip(*top_rows))
+            slot, img, rank = (device_index(c, top_i.device) for c in zip(*top_rows))
             classes_t[slot] = top_i[img, rank]
         return rows, classes_t, methods
 
@@ -352,8 +367,8 @@ class GradCamHandler:
                 slot[j] = len(canvases)
                 canvases.append(canvas)
         images = torch.from_numpy(np.stack(canvases)).to(self.device, non_blocking=True)
-        pick = torch.tensor([slot[rows[p]] for p in blended], device=self.device)
-        heat_rows = torch.tensor([at_drawn[p] for p in blended], device=self.device)
+        pick = device_index([slot[rows[p]] for p in blended], self.device)
+        heat_rows = device_index([at_drawn[p] for p in blended], self.device)
         return blend(heat[heat_rows], images[pick], self.engine.lut, self.config.overlay_alpha)
 
     def _class(self, class_id: int, probability: float | None = None) -> dict:

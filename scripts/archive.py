@@ -270,6 +270,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     srv.add_argument("--max-workers", type=int, default=1)
     srv.add_argument("--response-timeout", type=int, default=120, metavar="S")
     srv.add_argument("--device-type", choices=("auto", "cpu", "gpu"), default="auto")
+    srv.add_argument("--malloc-thresholds", type=int, nargs=2, default=[256, 1024], metavar=("MMAP_MIB", "TRIM_MIB"),
+                     help="the worker's glibc malloc mmap and trim thresholds: the next batch reuses the last "
+                          "one's memory instead of faulting it in again (about 2x faster on CPU); 0 0 keeps "
+                          "glibc's defaults")
     cam = p.add_argument_group("handler defaults (requests may override the first four)")
     cam.add_argument("--topk", type=int, default=None,
                      help="predictions per image (default: 5, or all classes if fewer)")
@@ -382,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
             "channels_last": args.channels_last, "topk": args.topk or min(5, num_classes),
             "cam_classes": args.cam_classes,
             "cam_method": args.cam_method, "outputs": args.outputs, "max_side": args.max_side,
-            "max_cams": args.max_cams,
+            "max_cams": args.max_cams, "malloc_mmap_threshold_mib": args.malloc_thresholds[0],
+            "malloc_trim_threshold_mib": args.malloc_thresholds[1],
         })
         limits = CodecLimits(max_cams=config.max_cams)
         parse_defaults({k: getattr(config, k) for k in ("topk", "cam_classes", "cam_method", "outputs")},

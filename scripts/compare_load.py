@@ -8,11 +8,19 @@ drift hits every row alike:
   - this handler, predictions only (cam_classes=none)
   - this handler, predictions + low-res Grad-CAM map
   - this handler, predictions + map + overlay JPEG
+  - this handler, predictions only, with glibc's default malloc thresholds (the archive's
+    malloc_*_threshold_mib set to 0): what the handler's malloc tuning buys
   - TorchServe's stock image_classifier answering /explanations (Captum Integrated Gradients)
   - TorchServe's stock image_classifier answering /predictions (no maps): the floor
 
-Builds the stock archive itself, starts both servers (private, free ports), stops them at the
-end. Prints a table and writes bench_results/compare_load.json.
+The stock server runs with the same malloc thresholds as this handler (through glibc's
+MALLOC_*_THRESHOLD_ variables): with glibc's defaults its speed depends on what ran before,
+since one Captum batch's huge allocations leave malloc in a state that doubles the speed of the
+batches after it. After every row the script waits for that server's queue to drain (requests
+the load test gave up on are still computed), so no row pays for the one before.
+
+Builds the stock archive and the glibc-defaults variant itself, starts the servers (private,
+free ports), stops them at the end. Prints a table and writes bench_results/compare_load.json.
 
   .venv/bin/python scripts/compare_load.py --duration 60 --rounds 2
 """
@@ -26,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -34,16 +43,60 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadtest  # noqa: E402
-from tslocal import ROOT, LocalServer  # noqa: E402
+from tslocal import ROOT, LocalServer, default_mar  # noqa: E402
 
 MODEL = "efficientnet_lite0"
+GLIBC_MODEL = "efficientnet_lite0_glibc"
 ROWS = [  # (label, server, route, outputs)
     ("handler: predictions only", "ours", "predictions", "predictions"),
     ("handler: + Grad-CAM map", "ours", "predictions", "map"),
     ("handler: + map + overlay", "ours", "predictions", "overlay"),
+    ("handler: predictions only, glibc malloc defaults", "glibc", "predictions", "predictions"),
     ("stock image_classifier /explanations (Captum IG)", "stock", "explanations", "stock"),
     ("stock image_classifier /predictions", "stock", "predictions", "stock"),
 ]
+BASE_ROW, STOCK_EXPLAIN_ROW = ROWS[0][0], ROWS[4][0]
+
+
+def malloc_env(config: dict) -> dict[str, str]:
+    """glibc's variables for the handler's malloc thresholds (for a server of another handler)."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(config["malloc_mmap_threshold_mib"] << 20),
+            "MALLOC_TRIM_THRESHOLD_": str(config["malloc_trim_threshold_mib"] << 20)}
+
+
+def build_glibc_variant(ours: Path, store: Path) -> Path:
+    """The same archive with the malloc tuning off, under another model name."""
+    import zipfile
+
+    out = store / f"{GLIBC_MODEL}.mar"
+    with zipfile.ZipFile(ours) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "model-config.yaml":
+                config = yaml.safe_load(data)
+                config["handler"].update(malloc_mmap_threshold_mib=0, malloc_trim_threshold_mib=0)
+                data = yaml.safe_dump(config, sort_keys=False).encode()
+            elif item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelName"] = GLIBC_MODEL
+                data = json.dumps(manifest, indent=2).encode()
+            dst.writestr(item, data)
+    return out
+
+
+def handler_config(mar: Path) -> dict:
+    import zipfile
+
+    with zipfile.ZipFile(mar) as z:
+        return yaml.safe_load(z.read("model-config.yaml"))["handler"]
+
+
+def drain(server: LocalServer, model: str, image: Path) -> float:
+    """Wait until the model's queue is empty: one request through it; returns the seconds."""
+    start = time.monotonic()
+    with open(image, "rb") as f:
+        server.predict(model, files={"image" if model != "stock_lite0" else "data": f}, timeout=900)
+    return time.monotonic() - start
 
 
 def build_stock_archive(ours: Path, store: Path) -> Path:
@@ -80,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", type=Path, default=ROOT / "bench_results" / "compare_load.json")
     args = p.parse_args(argv)
 
-    ours = ROOT / "model_store" / f"{MODEL}.mar"
-    if not ours.exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py")], check=True)
+    ours = default_mar()
     results: dict[str, list[dict]] = {label: [] for label, *_ in ROWS}
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
         tmp = Path(tmp)
@@ -90,26 +141,32 @@ def main(argv: list[str] | None = None) -> int:
         store.mkdir()
         (store / ours.name).symlink_to(ours)
         build_stock_archive(ours, store)
-        with LocalServer(store, [ours.name], tmp / "ours") as mine, \
-                LocalServer(store, ["stock_lite0.mar"], tmp / "stock") as stock:
-            servers = {"ours": (mine, MODEL), "stock": (stock, "stock_lite0")}
+        build_glibc_variant(ours, store)
+        stock_env = malloc_env(handler_config(ours))
+        image = ROOT / "tests" / "data" / "chelsea.jpg"
+        with LocalServer(store, [ours.name, f"{GLIBC_MODEL}.mar"], tmp / "ours") as mine, \
+                LocalServer(store, ["stock_lite0.mar"], tmp / "stock", env=stock_env) as stock:
+            servers = {"ours": (mine, MODEL), "glibc": (mine, GLIBC_MODEL), "stock": (stock, "stock_lite0")}
             for rnd in range(args.rounds):
                 for label, which, route, outputs in ROWS:
                     server, model = servers[which]
                     print(f"[compare] round {rnd + 1}/{args.rounds}: {label}", flush=True)
                     report = loadtest.main([
-                        "--url", server.url, "--metrics-url", server.metrics_url if which == "ours" else "",
+                        "--url", server.url, "--metrics-url", server.metrics_url if which != "stock" else "",
                         "--token", server.token, "--model", model, "--route", route, "--outputs", outputs,
                         "-u", str(args.users), "--duration", str(args.duration), "-q",
                         "--out", str(tmp / f"load-{rnd}-{which}-{route}-{outputs}")])
                     results[label].append(report)
+                    waited = drain(server, model, image)
+                    if waited > 5:
+                        print(f"[compare] waited {waited:.0f} s for {model}'s queue to drain", flush=True)
 
     def med(label: str, key: str) -> float:
         values = [r[key] if key != "p99" else r["latency_ms"]["p99"] for r in results[label]]
         return statistics.median(values)
 
-    base = med(ROWS[0][0], "requests_per_s")
-    stock_explain = med(ROWS[3][0], "requests_per_s")
+    base = med(BASE_ROW, "requests_per_s")
+    stock_explain = med(STOCK_EXPLAIN_ROW, "requests_per_s")
     table = []
     for label, *_ in ROWS:
         rps = med(label, "requests_per_s")

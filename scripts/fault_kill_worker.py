@@ -25,8 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from soak import default_mar  # noqa: E402
-from tslocal import ROOT, LocalServer  # noqa: E402
+from tslocal import ROOT, LocalServer, default_mar  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

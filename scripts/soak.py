@@ -29,18 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from corpus import Case, bad_cases, odd_cases  # noqa: E402
-from tslocal import ROOT, LocalServer  # noqa: E402
+from tslocal import ROOT, LocalServer, default_mar  # noqa: E402
 
 MODEL = "efficientnet_lite0"
-
-
-def default_mar() -> Path:
-    mar = ROOT / "model_store" / f"{MODEL}.mar"
-    if not mar.exists():
-        import subprocess
-
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py")], check=True)
-    return mar
 
 
 def mix(good_share: float) -> list[Case]:

@@ -26,6 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 _ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
 
 
+def default_mar() -> Path:
+    """model_store/efficientnet_lite0.mar, built (or rebuilt, as ``make serve`` does) when it is
+    missing or older than the handler package or the archiver."""
+    mar = ROOT / "model_store" / "efficientnet_lite0.mar"
+    sources = [*(ROOT / "handler").glob("*.py"), ROOT / "scripts" / "archive.py"]
+    if not mar.exists() or any(src.stat().st_mtime > mar.stat().st_mtime for src in sources):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py"), "--force"], check=True)
+    return mar
+
+
 def free_port() -> int:
     """A TCP port that is free on loopback right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -51,10 +61,11 @@ class LocalServer:
         models: archive file names to load at start-up.
         workdir: where the server runs (key_file.json, logs/).
         overrides: extra or replaced config.properties entries.
+        env: extra environment variables for the server and its workers.
     """
 
     def __init__(self, model_store: Path, models: list[str], workdir: Path,
-                 overrides: dict[str, str] | None = None) -> None:
+                 overrides: dict[str, str] | None = None, env: dict[str, str] | None = None) -> None:
         self.model_store = Path(model_store).resolve()
         self.models = models
         self.workdir = Path(workdir)
@@ -70,6 +81,7 @@ class LocalServer:
         if "metrics_config" in self.props:  # relative to the repo, where config.properties lives
             self.props["metrics_config"] = str(ROOT / self.props["metrics_config"])
         self.props.update(overrides or {})
+        self.env = dict(env or {})
         self.url = self.props["inference_address"]
         self.management_url = self.props["management_address"]
         self.metrics_url = self.props["metrics_address"]
@@ -85,6 +97,7 @@ class LocalServer:
         # Short private temp dir: unix socket paths must stay under ~100 characters.
         self.tmp = tempfile.mkdtemp(prefix="gcs-", dir="/tmp")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # archives are self-contained
+        env.update(self.env)
         env.update(TEMP=self.tmp, TMPDIR=self.tmp)
         bindir = Path(sys.executable).parent
         env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"

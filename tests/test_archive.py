@@ -60,6 +60,7 @@ def test_default_archive_uses_the_timm_config(model_store):
     assert handler["model"] == "timm:tf_efficientnet_lite0" and handler["target_layer"] == "bn2"
     assert handler["mean"] == [0.5, 0.5, 0.5] and handler["std"] == [0.5, 0.5, 0.5]
     assert handler["interpolation"] == "bicubic" and handler["input_size"] == [224, 224]
+    assert (handler["malloc_mmap_threshold_mib"], handler["malloc_trim_threshold_mib"]) == (256, 1024)
 
 
 def test_help_teaches_with_examples():
@@ -140,7 +141,12 @@ def test_existing_archive_needs_force(tmp_path, tiny_weights):
     assert _tiny(tmp_path, "--weights", str(tiny_weights)).returncode == 0
     again = _tiny(tmp_path, "--weights", str(tiny_weights))
     assert again.returncode != 0 and "exists; pass --force" in again.stderr
-    assert _tiny(tmp_path, "--weights", str(tiny_weights), "--force").returncode == 0
+    assert _tiny(tmp_path, "--weights", str(tiny_weights), "--force", "--malloc-thresholds", "0", "64").returncode == 0
+    with zipfile.ZipFile(tmp_path / "tiny.mar") as mar:
+        handler = yaml.safe_load(mar.read("model-config.yaml"))["handler"]
+    assert (handler["malloc_mmap_threshold_mib"], handler["malloc_trim_threshold_mib"]) == (0, 64)
+    bad = _tiny(tmp_path, "--weights", str(tiny_weights), "--force", "--malloc-thresholds", "256", "4096")
+    assert bad.returncode != 0 and "'malloc_trim_threshold_mib' must be 0" in bad.stderr
 
 
 def test_parallel_builds_of_one_name_do_not_collide(tmp_path, tiny_weights):

@@ -263,6 +263,20 @@ def test_cams_rows_in_any_order_and_subsets(calibrated):
     _assert_maps_close(picked, in_order[order], 1e-6)
 
 
+def test_cams_take_host_rows(calibrated):
+    """A host list of rows (what the handler passes, to spare a device read-back) gives the same
+    maps as a tensor, on every path: in order, gathered, several rounds."""
+    model, x, targets = calibrated("resnet18")
+    engine = CamEngine(copy.deepcopy(model), "layer4", input_size=(SIZE, SIZE))
+    for rows, classes in (([0, 1, 2, 3], targets), ([2, 0], targets[[2, 0]]),
+                          ([1, 1, 3], torch.tensor([4, 9, 2]))):
+        methods = ["gradcam"] * len(rows)
+        want = engine.cams(engine.forward(x), torch.tensor(rows), classes, methods)
+        got = engine.cams(engine.forward(x), rows, classes, methods)
+        assert torch.equal(got, want)
+        assert got.abs().amax() > 1e-6
+
+
 def test_cams_input_checks(calibrated):
     model, x, _ = calibrated("resnet18")
     engine = CamEngine(copy.deepcopy(model), "layer4", input_size=(SIZE, SIZE))
@@ -434,6 +448,16 @@ def test_upsample_whole_box_equals_interpolate():
     for p, (h, w) in enumerate(sizes):
         want = F.interpolate(maps[p][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
         torch.testing.assert_close(out[p, :h, :w], want, atol=1e-6, rtol=0)
+
+
+def test_upsample_with_a_host_output_size_equals_the_read_back():
+    gen = torch.Generator().manual_seed(9)
+    maps = torch.rand(3, 5, 5, generator=gen)
+    frames = Frames(size=torch.tensor([[40, 30], [25, 50], [10, 10]]),
+                    box=torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.1, 1.0, 0.9], [0.2, 0.0, 0.8, 1.0]]))
+    want = upsample_maps(maps, frames)
+    assert want.shape == (3, 40, 50)
+    assert torch.equal(upsample_maps(maps, frames, (40, 50)), want)
 
 
 def test_upsample_letterbox_box_crops():

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine is for, in one call (its time is short):
+#   1. the CUDA tests: tests/test_cam_cuda.py and the handler's GPU test in tests/test_handler.py
+#   2. the engine benchmark on the GPU: scripts/bench_cam.py (batch 64, 224x224; table + JSON)
+# Results go to $OUT (the device tool's return folder) or bench_results/gpu/.
+# Prepare here first (scripts/gpu_prepare.sh), then call the device tool with
+#   command: bash scripts/gpu_check.sh      carry: [".gpu"]      timeout_s: 480
+# Extra arguments go to bench_cam.py (e.g. --iters 10). Without a GPU it runs the same steps on
+# the CPU (the CUDA tests skip), which checks the script itself.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+out="${OUT:-bench_results/gpu}"
+mkdir -p "$out"
+say() { printf '[gpu-check] %s\n' "$*" | tee -a "$out/summary.txt" >&2; }
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && ! command -v nvidia-smi >/dev/null && PY=.venv/bin/python
+export PYTHONUNBUFFERED=1
+
+if [ -d .gpu/wheels ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gpu-site .gpu/wheels/*.whl || { say "installing .gpu/wheels failed"; exit 1; }
+  export PYTHONPATH="/tmp/gpu-site:$ROOT/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+  | tee "$out/gpu.txt"
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' | tee -a "$out/gpu.txt"
+
+say "CUDA tests"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cam_cuda.py tests/test_handler.py 2>&1 | tee "$out/tests.log"
+tests=${PIPESTATUS[0]}
+say "CUDA tests exit status $tests"
+
+say "engine benchmark"
+"$PY" scripts/bench_cam.py --json-out "$out/bench_cam.json" "$@" 2>&1 | tee "$out/bench.log"
+bench=${PIPESTATUS[0]}
+say "benchmark exit status $bench"
+exit $(( tests != 0 || bench != 0 ))
