@@ -70,6 +70,7 @@ class _Job:
     idx: int
     image: Image.Image
     options: Options
+    frame: tuple[int, int]  # (height, width) of its heatmaps and overlays
 
 
 class _Metrics:
@@ -161,7 +162,7 @@ class GradCamHandler:
         self.fill = np.round(np.asarray(config.mean) * 255).astype(np.uint8)
         # Dry batch: a broken target layer or head fails the load, not the first request.
         warm = Image.new("RGB", tuple(reversed(config.input_size)), (128, 128, 128))
-        self._run([_Job(0, warm, self.defaults)])
+        self._run([self._job(0, warm, self.defaults)])
         metrics = getattr(context, "metrics", None)
         self.metrics = _Metrics(metrics, self.model_name) if metrics is not None else None
         self.initialized = True
@@ -185,7 +186,7 @@ class GradCamHandler:
                 options = parse_options(
                     raw.options, self.defaults, self.label_index, self.config.num_classes, self.limits
                 )
-                jobs.append(_Job(idx, image, options))
+                jobs.append(self._job(idx, image, options))
             except HandlerError as err:
                 responses[idx] = self._fail(context, idx, err, len(data))
         decoded = time.perf_counter()
@@ -211,6 +212,9 @@ class GradCamHandler:
         if self.metrics is not None:
             self.metrics.batch(len(data), decode_ms, timings["pass"], timings["render"], timings["maps"])
         return responses
+
+    def _job(self, idx: int, image: Image.Image, options: Options) -> _Job:
+        return _Job(idx, image, options, _frame_size(image.width, image.height, self.config.max_side))
 
     def _answer(self, context, idx: int, body: dict | HandlerError, batch_size: int) -> str:
         if isinstance(body, HandlerError):
@@ -276,8 +280,7 @@ class GradCamHandler:
         drawn = [p for p, w in enumerate(wants) if w & {"heatmap", "overlay"}]
         blended = [p for p in drawn if "overlay" in wants[p]]
         host_in = {"top_p": top_p, "top_i": top_i, "classes": classes_t, "maps": maps}
-        frames = [_frame_size(jobs[rows[p]].image.width, jobs[rows[p]].image.height, config.max_side)
-                  for p in drawn]
+        frames = [jobs[rows[p]].frame for p in drawn]
         if drawn:
             # Built on the host and copied without waiting: nothing before the one host copy
             # below waits for the device.
@@ -380,7 +383,7 @@ class GradCamHandler:
     def _geometry(self, job: _Job, box: tuple[float, ...], grid: torch.Size) -> dict:
         """How the low-res grid maps onto the original image."""
         gh, gw = int(grid[0]), int(grid[1])
-        fh, fw = _frame_size(job.image.width, job.image.height, self.config.max_side)
+        fh, fw = job.frame
         return {
             "model": self.model_name,
             "target_layer": self.engine.target_layer,

@@ -65,7 +65,6 @@ ROWS = ("plain", "engine_fp32", "engine_bf16", "pytorch-grad-cam", "captum", "to
 # Library rows: (distribution, import name).
 _LIBRARIES = {"pytorch-grad-cam": ("grad-cam", "pytorch_grad_cam"), "captum": ("captum", "captum"),
               "torchcam": ("torchcam", "torchcam")}
-_EPS = 1e-7
 
 
 # --------------------------------------------------------------------------- setup
@@ -131,14 +130,6 @@ def _trainable(model: nn.Module) -> Iterator[None]:
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None
-
-
-def _minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Per-image min-max of (N, H, W) maps, as the engine's normalize_maps."""
-    flat = maps.flatten(1)
-    low = flat.amin(dim=1)[:, None, None]
-    high = flat.amax(dim=1)[:, None, None]
-    return (maps - low) / (high - low + _EPS)
 
 
 # --------------------------------------------------------------------------- memory
@@ -247,7 +238,7 @@ def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
             top_p, top_i = top_p.clone(), top_i.clone()  # out of inference mode
             attr = LayerGradCam(model, layer).attribute(x, target=top_i[:, 0], relu_attributions=True)
             maps = LayerAttribution.interpolate(attr, out_hw, interpolate_mode="bilinear")[:, 0]
-            maps = _minmax(maps.detach())
+            maps = normalize_maps(maps.detach())
             return top_p.cpu().numpy(), top_i.cpu().numpy(), maps.cpu().numpy()
 
     def torchcam():
@@ -258,7 +249,7 @@ def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
             top_p, top_i = scores.detach().float().softmax(dim=1).topk(5, dim=1)
             cams = extractor(class_idx=top_i[:, 0].tolist(), scores=scores, normalized=False)[0]
             maps = F.interpolate(cams[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
-            maps = _minmax(maps)
+            maps = normalize_maps(maps)
             return top_p.cpu().numpy(), top_i.cpu().numpy(), maps.cpu().numpy()
 
     table = {"plain": plain, "pytorch-grad-cam": pytorch_grad_cam, "captum": captum, "torchcam": torchcam}
