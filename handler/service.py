@@ -47,6 +47,7 @@ from handler.errors import (
     error_body,
 )
 from handler.host import tune_malloc
+from handler.metrics import HandlerMetrics
 from handler.models import build_model, load_state_dict_strict, read_labels
 from handler.render import grid_values, image_pixels, jpeg_base64, png_base64
 
@@ -73,30 +74,6 @@ class _Job:
     frame: tuple[int, int]  # (height, width) of its heatmaps and overlays
 
 
-class _Metrics:
-    """The handler's metrics, declared in metrics.yaml; the server exports them (prometheus)."""
-
-    def __init__(self, cache, model_name: str) -> None:
-        from ts.metrics.metric_type_enum import MetricTypes
-
-        self.dims = [model_name, "Model"]
-        self.gauges = {name: cache.get_metric(name, MetricTypes.GAUGE) for name in (
-            "GradcamBatchSize", "GradcamDecodeTime", "GradcamPassTime", "GradcamRenderTime")}
-        self.counters = {name: cache.get_metric(name, MetricTypes.COUNTER) for name in (
-            "GradcamBatches", "GradcamMaps", "GradcamRejected")}
-
-    def batch(self, size: int, decode_ms: float, pass_ms: float, render_ms: float, maps: int) -> None:
-        for name, value in (("GradcamBatchSize", size), ("GradcamDecodeTime", decode_ms),
-                            ("GradcamPassTime", pass_ms), ("GradcamRenderTime", render_ms)):
-            self.gauges[name].add_or_update(value, self.dims)
-        self.counters["GradcamBatches"].add_or_update(1, [*self.dims, str(size)])
-        if maps:
-            self.counters["GradcamMaps"].add_or_update(maps, self.dims)
-
-    def rejected(self, reason: str) -> None:
-        self.counters["GradcamRejected"].add_or_update(1, [*self.dims, reason])
-
-
 def _device(context) -> torch.device:
     gpu_id = context.system_properties.get("gpu_id")
     if torch.cuda.is_available() and gpu_id is not None:
@@ -115,7 +92,7 @@ class GradCamHandler:
 
     def __init__(self) -> None:
         self.initialized = False
-        self.metrics: _Metrics | None = None
+        self.metrics: HandlerMetrics | None = None
 
     # ------------------------------------------------------------------ load
 
@@ -164,7 +141,7 @@ class GradCamHandler:
         warm = Image.new("RGB", tuple(reversed(config.input_size)), (128, 128, 128))
         self._run([self._job(0, warm, self.defaults)])
         metrics = getattr(context, "metrics", None)
-        self.metrics = _Metrics(metrics, self.model_name) if metrics is not None else None
+        self.metrics = HandlerMetrics(metrics, self.model_name) if metrics is not None else None
         self.initialized = True
         logger.info(
             "loaded %s (%s) on %s, target layer %s, input %s, %s",

@@ -165,6 +165,35 @@ def dry_run(model, config) -> tuple[str, tuple[int, int]]:
 
 # --------------------------------------------------------------------------- packaging
 
+# What the handler imports beyond TorchServe and torch, by model source. torchvision comes with
+# timm, which imports it.
+_SERVE_PACKAGES = ("numpy", "pillow", "safetensors", "pyyaml")
+_SOURCE_PACKAGES = {"timm": ("timm", "torchvision"), "torchvision": ("torchvision",)}
+
+
+def requirements_txt(model_source: str, extra: Path | None = None) -> str:
+    """The archive's requirements.txt: exact versions of this build's packages, then ``extra``.
+
+    A server with ``install_py_dep_per_model=true`` installs them when it loads the archive;
+    the worker checks them before importing the handler (handler/deps.py).
+    """
+    from importlib import metadata
+
+    kind = model_source.split(":", 1)[0]
+    lines = []
+    for name in (*_SERVE_PACKAGES, *_SOURCE_PACKAGES.get(kind, ())):
+        try:
+            lines.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError as exc:
+            raise ArchiveError(f"{name} is not installed here; the handler needs it to serve {model_source}") from exc
+    if extra is not None:
+        try:
+            text = extra.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ArchiveError(f"cannot read --requirements file '{extra}': {exc}") from exc
+        lines += [line.rstrip() for line in text.splitlines() if line.strip()]
+    return "\n".join(lines) + "\n"
+
 
 def model_config_yaml(args, config) -> str:
     import yaml
@@ -176,13 +205,18 @@ def model_config_yaml(args, config) -> str:
         "maxBatchDelay": args.max_batch_delay,
         "responseTimeout": args.response_timeout,
     }
+    # With install_py_dep_per_model=true, TorchServe installs requirements.txt into a per-model
+    # venv that inherits the server's packages, so only what is missing gets installed; without
+    # it, TorchServe runs `pip install -t MODEL_DIR`, which ignores the installed packages and
+    # would install timm's torch into every model's folder.
+    server["useVenv"] = True
     if args.device_type != "auto":
         server["deviceType"] = args.device_type
     server["handler"] = config.to_dict()
     return yaml.safe_dump(server, sort_keys=False)
 
 
-def package(args, config, state, model_file: Path | None, labels: list[str] | None) -> Path:
+def package(args, config, state, model_file: Path | None, labels: list[str] | None, requirements: str) -> Path:
     from safetensors.torch import save_file
 
     export = Path(args.export_path)
@@ -200,6 +234,8 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
                 json.dumps({str(i): name for i, name in enumerate(labels)}, indent=0), encoding="utf-8")
         weights = tmp / "model.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+        reqs = tmp / "requirements.txt"
+        reqs.write_text(requirements, encoding="utf-8")
         yaml_path = tmp / "model-config.yaml"
         yaml_path.write_text(model_config_yaml(args, config), encoding="utf-8")
         # torch-model-archiver stages in $TMPDIR/<model name>: a private TMPDIR per build keeps
@@ -214,6 +250,7 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
             "--handler", str(ROOT / "handler" / "ts_entry.py"),
             "--extra-files", str(stage),
             "--config-file", str(yaml_path),
+            "--requirements-file", str(reqs),
             "--export-path", str(export), "--force",
         ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -263,6 +300,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--version", default="1.0")
     out.add_argument("--export-path", default=str(ROOT / "model_store"), help="where the .mar goes")
     out.add_argument("--force", action="store_true", help="overwrite an existing archive")
+    out.add_argument("--requirements", default=None, metavar="FILE",
+                     help="extra pip requirement lines for the archive's requirements.txt (e.g. what your "
+                          "model.py imports); the archiver always lists the exact versions of the packages the "
+                          "handler needs (numpy, pillow, safetensors, pyyaml, and timm/torchvision by model source)")
     srv = p.add_argument_group("serving (model-config.yaml)")
     srv.add_argument("--batch-size", type=int, default=8)
     srv.add_argument("--max-batch-delay", type=int, default=10, metavar="MS")
@@ -395,12 +436,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ArchiveError(str(exc)) from exc
 
+    requirements = requirements_txt(args.model, Path(args.requirements) if args.requirements else None)
+
     t = _step("dry batch through the Grad-CAM pass")
     config.target_layer, grid = dry_run(model, config)
     logger.info("  target layer %s, map %dx%d, in %.1fs", config.target_layer, *grid, time.perf_counter() - t)
 
     t = _step(f"packaging {target}")
-    mar = package(args, config, model.state_dict(), model_file, labels)
+    mar = package(args, config, model.state_dict(), model_file, labels, requirements)
     logger.info("  %s (%.1f MB) in %.1fs", mar, mar.stat().st_size / 1e6, time.perf_counter() - t)
     return 0
 

@@ -43,3 +43,14 @@ if ! cmp -s "$REQ.new" "$REQ"; then
 else
   rm -f "$REQ.new"
 fi
+
+# tests/test_compat.py has TorchServe install an archive's requirements.txt with no network:
+# TorchServe's per-model venv starts with Python 3.11's bundled setuptools, older than torch
+# declares, so pip needs a setuptools wheel at hand (the version this venv has).
+if [ "$EXTRA" = test ]; then
+  SETUPTOOLS="$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("setuptools"))')"
+  if ! ls .venv/wheelhouse/setuptools-"$SETUPTOOLS"-*.whl >/dev/null 2>&1; then
+    say "downloading setuptools $SETUPTOOLS into .venv/wheelhouse for the offline dependency-install test"
+    .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps -d .venv/wheelhouse "setuptools==$SETUPTOOLS"
+  fi
+fi

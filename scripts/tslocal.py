@@ -62,15 +62,18 @@ class LocalServer:
         workdir: where the server runs (key_file.json, logs/).
         overrides: extra or replaced config.properties entries.
         env: extra environment variables for the server and its workers.
+        plain: start from a plain config.properties (addresses, model store and models only, as a
+            user's own server has) instead of the repo's.
     """
 
     def __init__(self, model_store: Path, models: list[str], workdir: Path,
-                 overrides: dict[str, str] | None = None, env: dict[str, str] | None = None) -> None:
+                 overrides: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                 plain: bool = False) -> None:
         self.model_store = Path(model_store).resolve()
         self.models = models
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.props = _properties(ROOT / "config.properties")
+        self.props = {} if plain else _properties(ROOT / "config.properties")
         ports = {key: free_port() for key in _ADDRESS_KEYS}
         for key, port in ports.items():
             self.props[key] = f"http://127.0.0.1:{port}"
@@ -90,8 +93,13 @@ class LocalServer:
 
     # ------------------------------------------------------------------ life cycle
 
-    def start(self, timeout: float = 240.0) -> LocalServer:
-        """Start in the foreground of a new process group and wait for every model's worker."""
+    def start(self, timeout: float = 240.0, ready: list[str] | None = None) -> LocalServer:
+        """Start in the foreground of a new process group and wait for the models' workers.
+
+        Args:
+            timeout: seconds to wait.
+            ready: model names to wait for (default: every model loaded at start-up).
+        """
         config = self.workdir / "config.properties"
         config.write_text("".join(f"{k}={v}\n" for k, v in self.props.items()))
         # Short private temp dir: unix socket paths must stay under ~100 characters.
@@ -109,15 +117,15 @@ class LocalServer:
             start_new_session=True,
         )
         try:
-            self._wait_ready(timeout)
+            self._wait_ready(timeout, ready)
         except Exception:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, ready: list[str] | None) -> None:
         deadline = time.monotonic() + timeout
-        pending = [m.removesuffix(".mar") for m in self.models]
+        pending = list(ready) if ready is not None else [m.removesuffix(".mar") for m in self.models]
         while pending:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"TorchServe exited with {self.proc.returncode}:\n{self.log_tail()}")
@@ -168,7 +176,7 @@ class LocalServer:
     def worker_status(self, model: str) -> str | None:
         try:
             r = requests.get(f"{self.management_url}/models/{model}", headers=self.auth(True), timeout=5)
-        except requests.RequestException:
+        except (requests.RequestException, ValueError):  # ValueError: key_file.json half written
             return None
         if r.status_code != 200:
             return None

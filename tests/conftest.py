@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,12 @@ from tslocal import LocalServer  # noqa: E402
 
 DEFAULT = "efficientnet_lite0"
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def readme_blocks() -> dict[str, str]:
+    """The README's bash blocks marked ``<!-- readme-test: NAME -->``, by name."""
+    text = (ROOT / "README.md").read_text()
+    return dict(re.findall(r"<!-- readme-test: (\S+) -->\n```bash\n(.*?)```", text, flags=re.S))
 
 
 def run_archiver(*args: str, check: bool = False) -> subprocess.CompletedProcess:

@@ -9,13 +9,13 @@ import socket
 import subprocess
 
 import pytest
-from conftest import CAT_CLASSES, ROOT
+from conftest import CAT_CLASSES, ROOT, readme_blocks
 from PIL import Image
 
 pytestmark = pytest.mark.server
 
 README = (ROOT / "README.md").read_text()
-BLOCKS = dict(re.findall(r"<!-- readme-test: (\S+) -->\n```bash\n(.*?)```", README, flags=re.S))
+BLOCKS = readme_blocks()
 
 
 def _bash(script: str, timeout: float = 600) -> str:
