@@ -1,8 +1,9 @@
 """Request codec: a TorchServe request item in, an RGB image and validated options out.
 
 Reads three request forms (raw image body with options in headers, multipart form, JSON with a
-base64 image), decodes the image within byte and pixel limits, and validates the options against
-the archive defaults. No TorchServe or torch import here.
+base64 image) and KServe v2 inference requests (:mod:`handler.oip`), decodes the image within
+byte and pixel limits, and validates the options against the archive defaults. No TorchServe or
+torch import here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from handler.errors import (
     PayloadTooLarge,
     UnsupportedMedia,
 )
+from handler.oip import ENVELOPE_TENSORS, V2Reply, is_v2_body, parse_v2, split_binary
 
 __all__ = [
     "CAM_METHODS",
@@ -97,11 +99,15 @@ class Options:
 
 @dataclass
 class RawRequest:
-    """One request as received: encoded image, options not yet validated, and its form."""
+    """One request as received: encoded image, options not yet validated, and its form.
+
+    ``reply`` is set for a KServe v2 request: how to frame its answer.
+    """
 
     image_bytes: bytes
     options: dict[str, object]
     source: str
+    reply: V2Reply | None = None
 
 
 def _norm(name: str) -> str:
@@ -210,7 +216,26 @@ def _load_json(body: bytes | str) -> object:
         raise InvalidInput(f"request body is not valid JSON: {exc}", "body") from exc
 
 
+def _from_v2(doc: dict, options: dict[str, object], wrap: bool = True) -> RawRequest:
+    """A KServe v2 request: the image from its BYTES input, options over those from headers."""
+    request = parse_v2(doc, OPTION_NAMES, wrap)
+    image = request.image
+    if isinstance(image, str):
+        try:
+            image = _decode_base64(image)
+        except HandlerError as err:
+            err.v2_reply = request.reply
+            raise
+    if not image:
+        err = InvalidInput("the v2 image input is empty", "image")
+        err.v2_reply = request.reply
+        raise err
+    return RawRequest(image, {**options, **request.options}, "v2", request.reply)
+
+
 def _from_json(doc: object, options: dict[str, object]) -> RawRequest:
+    if is_v2_body(doc):
+        return _from_v2(doc, options)
     if not isinstance(doc, dict):
         kind = type(doc).__name__
         raise InvalidInput(f"JSON body must be an object with an 'image' key, got {kind}", "body")
@@ -257,29 +282,37 @@ def extract_request(item: dict, headers: dict[str, str]) -> RawRequest:
     """Split one TorchServe request item into image bytes and raw options.
 
     Options come from headers (names matched case-insensitively, other headers ignored) and
-    from the body (JSON keys or multipart fields); the body wins where both give one.
+    from the body (JSON keys or multipart fields); the body wins where both give one. A KServe
+    v2 request (a v2 JSON body, Triton's binary form of it, or the input tensors that
+    TorchServe's kservev2 envelope hands over, grouped by :func:`handler.oip.group_tensors`)
+    gives its image and options the same way, and ``reply`` says how to frame the answer.
 
     Args:
         item: one element of TorchServe's ``data`` list.
         headers: request header name to value.
 
     Returns:
-        The encoded image, the options as received, and ``source`` (raw, multipart or json).
+        The encoded image, the options as received, and ``source`` (raw, multipart, json or v2).
 
     Raises:
-        InvalidInput: empty or unreadable body, or no image in it.
+        InvalidInput: empty or unreadable body, or no image in it (for a v2 request, with
+            ``v2_reply`` set).
         InvalidOption: an unknown option name in the JSON body or the form.
     """
     options: dict[str, object] = {}
-    content_type = ""
+    content_type = binary_header = ""
     for name, value in (headers or {}).items():
         value = value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
         if str(name).lower() in OPTION_NAMES:
             options[str(name).lower()] = value.strip()
         elif str(name).lower() == "content-type":
             content_type = value.lower()
+        elif str(name).lower() == "inference-header-content-length":
+            binary_header = value.strip()
     if not isinstance(item, dict):
         item = {"body": item}
+    if ENVELOPE_TENSORS in item:
+        return _from_v2({"inputs": item[ENVELOPE_TENSORS]}, options, wrap=False)
     if set(item) - {"body", "data"}:
         return _from_multipart(item, options)
     body = item.get("body") if item.get("body") is not None else item.get("data")
@@ -289,6 +322,8 @@ def extract_request(item: dict, headers: dict[str, str]) -> RawRequest:
         raise InvalidInput("empty request body; send an image or a JSON object", "body")
     if not isinstance(body, (bytes, str)):  # TorchServe already decoded the JSON
         return _from_json(body, options)
+    if binary_header and isinstance(body, bytes):  # v2 with binary tensor data (tritonclient's default)
+        return _from_v2(split_binary(body, binary_header), options)
     head = body.lstrip()[:1]
     head = head.decode("latin-1") if isinstance(head, bytes) else head
     if head in ("{", "[") or "json" in content_type:

@@ -24,6 +24,8 @@ class HandlerError(Exception):
 
     status = 500
     kind = "internal_error"
+    #: Set by the KServe v2 parser (:mod:`handler.oip`): the error goes out framed as a v2 reply.
+    v2_reply = None
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)

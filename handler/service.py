@@ -49,6 +49,7 @@ from handler.errors import (
 from handler.host import tune_malloc
 from handler.metrics import HandlerMetrics
 from handler.models import build_model, load_state_dict_strict, read_labels
+from handler.oip import V2Reply, group_tensors, v2_response
 from handler.render import grid_values, image_pixels, jpeg_base64, png_base64
 
 __all__ = ["GradCamHandler"]
@@ -72,6 +73,7 @@ class _Job:
     image: Image.Image
     options: Options
     frame: tuple[int, int]  # (height, width) of its heatmaps and overlays
+    reply: V2Reply | None = None  # a KServe v2 request: frame the answer as a v2 reply
 
 
 def _device(context) -> torch.device:
@@ -154,18 +156,21 @@ class GradCamHandler:
     def handle(self, data: list[dict], context) -> list[str]:
         """Answer every request of the batch, each with its own status and JSON body."""
         started = time.perf_counter()
+        data = group_tensors(data)  # service_envelope=kservev2 splits one request into its tensors
         responses: list[str | None] = [None] * len(data)
         jobs: list[_Job] = []
         for idx, item in enumerate(data):
+            reply = None
             try:
                 raw = extract_request(item, _headers(context, idx))
+                reply = raw.reply
                 image = decode_image(raw.image_bytes, self.limits)
                 options = parse_options(
                     raw.options, self.defaults, self.label_index, self.config.num_classes, self.limits
                 )
-                jobs.append(self._job(idx, image, options))
+                jobs.append(self._job(idx, image, options, reply))
             except HandlerError as err:
-                responses[idx] = self._fail(context, idx, err, len(data))
+                responses[idx] = self._fail(context, idx, err, len(data), reply or err.v2_reply)
         decoded = time.perf_counter()
         timings = {"pass": 0.0, "render": 0.0, "maps": 0}
         if jobs:
@@ -182,7 +187,7 @@ class GradCamHandler:
                 logger.exception("Grad-CAM pass failed on a batch of %d", len(jobs))
                 bodies = [ModelFailure(f"inference failed: {type(exc).__name__}: {exc}")] * len(jobs)
             for job, body in zip(jobs, bodies):
-                responses[job.idx] = self._answer(context, job.idx, body, len(data))
+                responses[job.idx] = self._answer(context, job.idx, body, len(data), job.reply)
         decode_ms = (decoded - started) * 1e3
         logger.debug("batch of %d: decode %.1f ms, pass %.1f ms, render %.1f ms",
                      len(data), decode_ms, timings["pass"], timings["render"])
@@ -190,28 +195,38 @@ class GradCamHandler:
             self.metrics.batch(len(data), decode_ms, timings["pass"], timings["render"], timings["maps"])
         return responses
 
-    def _job(self, idx: int, image: Image.Image, options: Options) -> _Job:
-        return _Job(idx, image, options, _frame_size(image.width, image.height, self.config.max_side))
+    def _job(self, idx: int, image: Image.Image, options: Options, reply: V2Reply | None = None) -> _Job:
+        return _Job(idx, image, options, _frame_size(image.width, image.height, self.config.max_side), reply)
 
-    def _answer(self, context, idx: int, body: dict | HandlerError, batch_size: int) -> str:
+    def _answer(self, context, idx: int, body: dict | HandlerError, batch_size: int,
+                reply: V2Reply | None = None) -> str:
         if isinstance(body, HandlerError):
-            return self._fail(context, idx, body, batch_size)
+            return self._fail(context, idx, body, batch_size, reply)
         body["batch_size"] = batch_size
         text = json.dumps(body, separators=(",", ":"))
         if len(text) > self.config.max_response_bytes:
             return self._fail(context, idx, ResponseTooLarge(
                 f"response of {len(text)} bytes exceeds the {self.config.max_response_bytes}-byte "
-                "limit; ask for fewer cam_classes or output forms", field="outputs"), batch_size)
+                "limit; ask for fewer cam_classes or output forms", field="outputs"), batch_size, reply)
         context.set_response_content_type(idx, _JSON)
-        return text
+        return self._framed(context, idx, text, reply)
 
-    def _fail(self, context, idx: int, err: HandlerError, batch_size: int) -> str:
+    def _fail(self, context, idx: int, err: HandlerError, batch_size: int, reply: V2Reply | None = None) -> str:
         logger.info("request %d of %d rejected: %s %s", idx, batch_size, err.status, err.message)
         if self.metrics is not None:
             self.metrics.rejected(err.kind)
         context.set_response_status(err.status, err.kind, idx)
         context.set_response_content_type(idx, _JSON)
-        return json.dumps({**error_body(err), "batch_size": batch_size})
+        text = json.dumps({**error_body(err), "batch_size": batch_size})
+        return self._framed(context, idx, text, reply, err.message)
+
+    def _framed(self, context, idx: int, text: str, reply: V2Reply | None, error: str | None = None) -> str:
+        """A v2 request's answer as a v2 reply: TorchServe's gRPC ModelInfer drops the worker on
+        any other answer (GRPCJob.response reads ``id``, ``model_name``, ``outputs``)."""
+        if reply is None or not reply.wrap:
+            return text
+        version = str(context.manifest["model"].get("modelVersion", ""))
+        return v2_response(text, reply, self.model_name, version, context.get_request_id(idx), error)
 
     # ------------------------------------------------------------------ the batch
 

@@ -167,6 +167,11 @@ class LocalServer:
         return self.keys()["inference"]["key"]
 
     @property
+    def grpc_address(self) -> str:
+        """HOST:PORT of the gRPC inference API (and of KServe's v2 gRPC service when enabled)."""
+        return f"{self.props.get('grpc_inference_address', '127.0.0.1')}:{self.props['grpc_inference_port']}"
+
+    @property
     def management_token(self) -> str:
         return self.keys()["management"]["key"]
 
@@ -175,8 +180,12 @@ class LocalServer:
 
     def worker_status(self, model: str) -> str | None:
         try:
-            r = requests.get(f"{self.management_url}/models/{model}", headers=self.auth(True), timeout=5)
-        except (requests.RequestException, ValueError):  # ValueError: key_file.json half written
+            headers = self.auth(True)
+        except (OSError, ValueError, KeyError):  # key_file.json exists but is still being written
+            return None
+        try:
+            r = requests.get(f"{self.management_url}/models/{model}", headers=headers, timeout=5)
+        except requests.RequestException:
             return None
         if r.status_code != 200:
             return None
