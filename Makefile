@@ -13,7 +13,7 @@ test:  ## set up (venv, pinned packages, Java) and run every test
 
 lint:
 	scripts/bootstrap.sh test
-	.venv/bin/ruff check handler scripts tests
+	.venv/bin/ruff check handler scripts tests deploy
 
 archive:  ## rebuild the default archive
 	scripts/bootstrap.sh

