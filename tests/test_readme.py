@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 
+import numpy as np
 import pytest
 from conftest import CAT_CLASSES, ROOT, readme_blocks
 from PIL import Image
@@ -68,6 +69,16 @@ def test_readme_commands_work_verbatim(readme_server):
     _bash(BLOCKS["token"] + BLOCKS["overlay"])
     overlay = Image.open(io.BytesIO((ROOT / "overlay.jpg").read_bytes()))
     assert overlay.format == "JPEG" and overlay.size == (451, 300)
+
+    grpc = _curl("grpc")
+    assert len(grpc["predictions"]) == 3 and grpc["predictions"][0]["label"] == "Egyptian cat"
+    assert [c["class_id"] for c in grpc["cams"]] == [p["class_id"] for p in grpc["predictions"][:2]]
+    np.testing.assert_allclose(grpc["cams"][0]["map"], multipart["cams"][0]["map"], atol=2e-3)
+
+    v2 = _curl("v2-rest")
+    assert v2["id"] == "cat-1" and v2["outputs"][0]["name"] == "image"
+    answer = json.loads(v2["outputs"][0]["data"][0])
+    assert len(answer["predictions"]) == 3 and answer["predictions"][0]["label"] == "Egyptian cat"
 
     explain = _curl("explain")
     assert explain["predictions"][0]["class_id"] == raw["predictions"][0]["class_id"]
