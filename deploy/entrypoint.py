@@ -7,6 +7,11 @@ the same container):
   serve      start TorchServe (``torchserve --start --foreground``) and stay its parent; scale
              workers to TS_WORKERS; on SIGTERM/SIGINT drain (wait until no request is in flight on
              the inference port, at most TS_DRAIN_TIMEOUT_S), then stop TorchServe.
+  torchserve [--start] [--foreground] [--ncs] [--model-store DIR] [--ts-config FILE]
+             ``serve`` with TorchServe's own command line, as KServe's TorchServe runtime passes it
+             to the image (``torchserve --start --model-store=/mnt/models/model-store
+             --ts-config=/mnt/models/config/config.properties``): the two paths replace
+             TS_MODEL_STORE and TS_CONFIG_FILE, and TorchServe runs in the foreground all the same.
   ready      exit 0 when every model's workers are READY (and on a GPU when TS_EXPECT_GPU=true):
              the startup probe. TorchServe's /ping says Healthy while workers are still loading.
   drain      the preStop hook: wait TS_DRAIN_DELAY_S for the endpoint removal to reach every
@@ -43,7 +48,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["Settings", "inflight", "wait_idle", "check_ready", "serve", "main"]
+__all__ = ["Settings", "inflight", "wait_idle", "check_ready", "serve", "torchserve_cli", "main"]
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("entrypoint")
@@ -348,6 +353,32 @@ def _reap_orphans(keep: int) -> None:
 
 # ---------------------------------------------------------------------------------- CLI
 
+_TS_FLAGS = ("--start", "--foreground", "--ncs", "--no-config-snapshots")
+_TS_PATHS = {"--model-store": "TS_MODEL_STORE", "--ts-config": "TS_CONFIG_FILE"}
+
+
+def torchserve_cli(args: list[str]) -> dict[str, str]:
+    """The environment that TorchServe's own command line asks for: ``--model-store DIR`` and
+    ``--ts-config FILE`` (or ``--model-store=DIR``...); ``--start``, ``--foreground`` and ``--ncs``
+    are accepted and change nothing. Anything else raises ValueError naming it."""
+    env, rest = {}, list(args)
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.partition("=")
+        if arg in _TS_FLAGS:
+            continue
+        if name in _TS_PATHS:
+            if not eq:
+                if not rest or rest[0].startswith("--"):
+                    raise ValueError(f"{name} needs a path")
+                value = rest.pop(0)
+            env[_TS_PATHS[name]] = value
+            continue
+        raise ValueError(f"unsupported TorchServe option {arg!r}: this image takes only "
+                         f"{', '.join((*_TS_FLAGS, *_TS_PATHS))}")
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "serve"
@@ -355,6 +386,18 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [entrypoint] %(message)s", stream=sys.stderr)
+    if command == "torchserve":
+        try:
+            paths = torchserve_cli(argv[1:])
+        except ValueError as exc:
+            print(f"torchserve: {exc}", file=sys.stderr)
+            return 2
+        for key, value in paths.items():
+            if os.environ.get(key, value) != value:
+                log.warning("%s=%s from the command line replaces %s from the environment (the probes, "
+                            "which read the environment, will not see it)", key, value, os.environ[key])
+        os.environ.update(paths)
+        command = "serve"
     settings = Settings()
     if command == "serve":
         return serve(settings)
@@ -377,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "inflight":
         print(inflight(settings.inference_port))
         return 0
-    print(f"unknown command {command!r}: use serve, ready, ping, drain or inflight (--help)", file=sys.stderr)
+    print(f"unknown command {command!r}: use serve, torchserve, ready, ping, drain or inflight (--help)",
+          file=sys.stderr)
     return 2
 
 

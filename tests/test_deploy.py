@@ -6,6 +6,9 @@
 - The Dockerfile passes hadolint with no finding at any level.
 - The values that matter agree across files: probe ports and config.properties, grace period and
   the archive's responseTimeout, the GPU overlay's GPU, one image everywhere.
+- The KServe overlays: the InferenceService's predictor container validates strictly as a Kubernetes
+  container, its KServe fields are KServe's, and it agrees with KServe's TorchServe runtime and with
+  the config.properties it ships for the model storage (tests/test_kserve.py serves that config).
 - The image's entry point and config run a real TorchServe here (token auth off, workers scaled,
   ready check, drain on SIGTERM), and scripts/failover.py runs briefly behind a real nginx.
 
@@ -15,6 +18,7 @@ fails these tests with a message saying so rather than skipping them.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -44,10 +48,29 @@ KUBE = DEPLOY / "kubernetes"
 POD_CONFIG = KUBE / "base" / "config.properties"
 ENTRYPOINT = DEPLOY / "entrypoint.py"
 K8S_VERSION = "1.32.0"
-# Kinds from CRDs, with no schema in kubernetes-validate: listed, never silently passed.
-EXPECTED_UNVALIDATED = {("monitoring.coreos.com/v1", "ServiceMonitor")}
-KUSTOMIZATIONS = {"base", "overlays/cpu", "overlays/gpu", "monitoring", "gateway", "components/model-store-pvc"}
+CHELSEA = photo("chelsea.jpg")
+# Kinds from CRDs, with no schema in kubernetes-validate: listed, never silently passed. (The
+# InferenceService's predictor is checked field by field below.)
+EXPECTED_UNVALIDATED = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+                        ("serving.kserve.io/v1beta1", "InferenceService")}
+KUSTOMIZATIONS = {"base", "overlays/cpu", "overlays/gpu", "monitoring", "gateway", "components/model-store-pvc",
+                  "overlays/kserve", "overlays/kserve-gpu"}
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
+KSERVE_OVERLAYS = ("overlays/kserve", "overlays/kserve-gpu")
+KSERVE_CONFIG = KUBE / "overlays" / "kserve" / "config" / "config.properties"
+# KServe's TorchServe runtime (kserve/kserve config/runtimes/kserve-torchserve.yaml): the arguments
+# its container gets, and the metrics port its prometheus.kserve.io/port annotation names.
+KSERVE_RUNTIME = "kserve-torchserve"
+KSERVE_RUNTIME_ARGS = ["torchserve", "--start", "--model-store=/mnt/models/model-store",
+                       "--ts-config=/mnt/models/config/config.properties"]
+KSERVE_METRICS_PORT = 8082
+# KServe v1beta1's own fields: PredictorSpec's ComponentExtensionSpec (the rest of a predictor is a
+# PodSpec), and ModelSpec's beyond the container it inlines.
+KSERVE_PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType",
+                           "autoScaling", "containerConcurrency", "timeout", "canaryTrafficPercent", "logger",
+                           "batcher", "labels", "annotations", "deploymentStrategy", "model", "storageUris",
+                           "workerSpec"}
+KSERVE_MODEL_FIELDS = {"modelFormat", "runtime", "storageUri", "runtimeVersion", "protocolVersion", "storage"}
 
 
 def _properties(text: str) -> dict[str, str]:
@@ -111,8 +134,8 @@ def test_every_kustomization_renders(rendered):
     assert kinds["components/model-store-pvc"] == sorted([*kinds["overlays/cpu"], "PersistentVolumeClaim"])
     assert kinds["monitoring"] == ["ServiceMonitor"]
     assert kinds["gateway"] == ["Ingress"]
-    # The KServe overlay waits on issue #7: a named place, nothing rendered yet.
-    assert (KUBE / "overlays" / "kserve" / "README.md").exists()
+    for overlay in KSERVE_OVERLAYS:
+        assert kinds[overlay] == ["InferenceService", "PersistentVolumeClaim"], overlay
 
 
 def test_every_object_validates_strictly_against_kubernetes_1_32(rendered):
@@ -264,6 +287,121 @@ def test_mounted_model_store_component(rendered):
     volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "model-store")
     assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
     assert pvc["metadata"]["namespace"] == deployment["metadata"]["namespace"] == "gradcam"
+
+
+# ---------------------------------------------------------------------------------- KServe
+
+def _predictor(objects: list[dict]) -> dict:
+    return _one(objects, "InferenceService")["spec"]["predictor"]
+
+
+def _as_pod(predictor: dict) -> dict:
+    """The predictor as the Pod that KServe makes of it: the model spec less KServe's fields is the
+    container, the predictor less KServe's fields is the PodSpec."""
+    container = {k: v for k, v in predictor["model"].items() if k not in KSERVE_MODEL_FIELDS}
+    spec = {k: v for k, v in predictor.items() if k not in KSERVE_PREDICTOR_FIELDS}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
+            "spec": {**spec, "containers": [{"name": "kserve-container", **container}]}}
+
+
+@pytest.mark.parametrize("overlay", KSERVE_OVERLAYS)
+def test_kserve_predictor_validates_strictly_as_a_pod(rendered, overlay):
+    """No schema for InferenceService here: every field of the predictor is either KServe's own
+    (listed above, values checked) or validates strictly as Kubernetes 1.32's PodSpec/Container."""
+    import kubernetes_validate
+
+    predictor = _predictor(rendered[overlay])
+    assert kubernetes_validate.validate(_as_pod(predictor), K8S_VERSION, strict=True) == "1.32"
+    model = predictor["model"]
+    assert model["modelFormat"] == {"name": "pytorch"} and model["runtime"] == KSERVE_RUNTIME
+    assert model["protocolVersion"] == "v2"
+    assert predictor["scaleMetric"] == "concurrency" and isinstance(predictor["scaleTarget"], int)
+    # The control: a misspelt KServe field is no container field either.
+    bad = json.loads(json.dumps(predictor))
+    bad["model"]["protocolVersions"] = bad["model"].pop("protocolVersion")
+    with pytest.raises(kubernetes_validate.ValidationError, match="protocolVersions"):
+        kubernetes_validate.validate(_as_pod(bad), K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", KSERVE_OVERLAYS)
+def test_kserve_predictor_agrees_with_the_runtime_and_its_config(rendered, overlay):
+    objects = rendered[overlay]
+    predictor = _predictor(objects)
+    model = predictor["model"]
+    env = {e["name"]: e["value"] for e in model["env"]}
+    props = _properties(KSERVE_CONFIG.read_text())
+    paths = dict(arg.split("=", 1) for arg in KSERVE_RUNTIME_ARGS if "=" in arg)
+    store, config = Path(paths["--model-store"]), Path(paths["--ts-config"])
+    # The storage layout: config/config.properties and model-store/ under KServe's /mnt/models.
+    assert config.relative_to("/mnt/models") == Path("config/config.properties")
+    assert store.relative_to("/mnt/models") == Path("model-store")
+    assert env["TS_CONFIG_FILE"] == str(config) and env["TS_MODEL_STORE"] == str(store)  # for the probes
+    assert props["model_store"] == str(store)
+    # TorchServe answers where KServe routes (8080) and exports metrics where the runtime says.
+    assert props["inference_address"] == "http://0.0.0.0:8080"
+    assert model["livenessProbe"]["httpGet"] == {"path": "/ping", "port": 8080}
+    assert model["readinessProbe"]["exec"]["command"][-2:] == ["/opt/gradcam/entrypoint.py", "ready"]
+    assert _port(props["metrics_address"]) == KSERVE_METRICS_PORT
+    assert props["management_address"].startswith("http://127.0.0.1:")
+    # No envelope: KServe's TS_SERVICE_ENVELOPE=kservev2 counts only with enable_envvars_config=true.
+    assert props["enable_envvars_config"] == "false" and "service_envelope" not in props
+    # Otherwise the pods' config of the other overlays (token auth off, limits, metrics...).
+    base = _properties(POD_CONFIG.read_text())
+    assert {k for k in base.keys() | props.keys() if base.get(k) != props.get(k)} == {"model_store",
+                                                                                     "enable_envvars_config"}
+    # One image everywhere: KServe runs image:runtimeVersion (and so never appends "-gpu").
+    assert ":" not in model["image"].rsplit("/", 1)[-1]
+    assert f"{model['image']}:{model['runtimeVersion']}" == _container(rendered["base"])["image"]
+    pvc = _one(objects, "PersistentVolumeClaim")
+    assert model["storageUri"] == f"pvc://{pvc['metadata']['name']}"
+    assert pvc["metadata"]["namespace"] == _one(objects, "InferenceService")["metadata"]["namespace"] == "gradcam"
+    # The image's user on a read-only root, /tmp and the logs writable.
+    context = model["securityContext"]
+    assert context["runAsUser"] == 10001 and context["runAsNonRoot"] is True
+    assert context["readOnlyRootFilesystem"] is True and context["capabilities"] == {"drop": ["ALL"]}
+    writable = {m["mountPath"] for m in model["volumeMounts"]
+                if any(v["name"] == m["name"] and "emptyDir" in v for v in predictor["volumes"])}
+    assert writable == {"/tmp", "/home/model-server/logs"}
+    # Drain and stop within RawDeployment's default grace period (30 s).
+    assert float(env["TS_DRAIN_TIMEOUT_S"]) + float(env["TS_STOP_TIMEOUT_S"]) < 30
+
+
+def test_kserve_gpu_and_cpu_overlays(rendered):
+    cpu, gpu = (_predictor(rendered[overlay]) for overlay in KSERVE_OVERLAYS)
+    # The resources, workers and autoscaling targets of the Deployment overlays.
+    for predictor, overlay in ((cpu, "overlays/cpu"), (gpu, "overlays/gpu")):
+        assert predictor["model"]["resources"] == _container(rendered[overlay])["resources"]
+        hpa = _one(rendered[overlay], "HorizontalPodAutoscaler")["spec"]
+        assert predictor["scaleTarget"] == int(hpa["metrics"][0]["pods"]["target"]["averageValue"])
+        assert (predictor["minReplicas"], predictor["maxReplicas"]) == (hpa["minReplicas"], hpa["maxReplicas"])
+        want = {k: v for k, v in _env(_container(rendered[overlay])).items() if k in ("TS_WORKERS", "TS_EXPECT_GPU")}
+        got = {e["name"]: e["value"] for e in predictor["model"]["env"]}
+        assert {k: v for k, v in got.items() if k in ("TS_WORKERS", "TS_EXPECT_GPU")} == want, overlay
+    assert str(gpu["model"]["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert "nvidia.com/gpu" not in cpu["model"]["resources"]["limits"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["tolerations"]
+    assert "tolerations" not in cpu
+    same = ("TS_CONFIG_FILE", "TS_MODEL_STORE", "TS_DRAIN_TIMEOUT_S", "TS_STOP_TIMEOUT_S")
+    env = [{e["name"]: e["value"] for e in p["model"]["env"] if e["name"] in same} for p in (cpu, gpu)]
+    assert env[0] == env[1] and len(env[0]) == len(same)
+    assert gpu["model"]["runtimeVersion"] == cpu["model"]["runtimeVersion"]
+
+
+def test_entrypoint_takes_torchserves_command_line():
+    """The image runs the command line that KServe's TorchServe runtime gives its container."""
+    from entrypoint import torchserve_cli
+
+    assert KSERVE_RUNTIME_ARGS[0] == "torchserve"
+    assert torchserve_cli(KSERVE_RUNTIME_ARGS[1:]) == {"TS_MODEL_STORE": "/mnt/models/model-store",
+                                                       "TS_CONFIG_FILE": "/mnt/models/config/config.properties"}
+    assert torchserve_cli(["--foreground", "--ts-config", "a.properties", "--ncs", "--model-store", "store"]) == \
+        {"TS_CONFIG_FILE": "a.properties", "TS_MODEL_STORE": "store"}
+    for bad in (["--stop"], ["--models", "x.mar"], ["--ts-config"], ["--ts-config", "--start"]):
+        with pytest.raises(ValueError):
+            torchserve_cli(bad)
+    done = subprocess.run([sys.executable, str(ENTRYPOINT), "torchserve", "--start", "--models", "all"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unsupported TorchServe option '--models'" in done.stderr
 
 
 # ---------------------------------------------------------------------------------- Dockerfile
@@ -430,6 +568,138 @@ def test_sigterm_drains_requests_in_flight(pod):
     assert statuses == {200: 24}
     assert java is not None and not Path(f"/proc/{java}").exists()  # TorchServe itself stopped
     assert "stopped" in (pod.workdir / "torchserve.out").read_text()
+
+
+# ---------------------------------------------------------------------------------- KServe, real server
+
+def _kserve_store(root: Path) -> Path:
+    """The model storage as the README lays it out: config/config.properties, model-store/*.mar."""
+    (root / "config").mkdir(parents=True)
+    (root / "model-store").mkdir()
+    shutil.copy2(KSERVE_CONFIG, root / "config" / "config.properties")
+    shutil.copy2(default_mar(), root / "model-store" / "efficientnet_lite0.mar")
+    return root
+
+
+def _kserve_predictor(root: Path, workdir: Path, **overrides: str) -> LocalServer:
+    """TorchServe started the way KServe's TorchServe runtime starts this image: the runtime's
+    arguments (paths under this store instead of /mnt/models, ports free), and the environment KServe
+    sets for protocolVersion v2 (TS_SERVICE_ENVELOPE=kservev2, PROTOCOL_VERSION=v2)."""
+    args = [arg.replace("/mnt/models/model-store", str(root / "model-store"))
+            .replace("/mnt/models/config/config.properties", str(workdir / "config.properties"))
+            for arg in KSERVE_RUNTIME_ARGS]  # LocalServer writes the config, ports replaced, there
+    return LocalServer(root / "model-store", ["efficientnet_lite0.mar"], workdir,
+                       config=root / "config" / "config.properties",
+                       overrides={"metrics_config": str(ROOT / "metrics.yaml"), **overrides},
+                       launcher=[sys.executable, str(ENTRYPOINT), *args],
+                       env={"TS_SERVICE_ENVELOPE": "kservev2", "PROTOCOL_VERSION": "v2", "TS_WORKERS": "1"})
+
+
+def _v2_image(image: bytes = CHELSEA) -> dict:
+    return {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}
+
+
+def _v2_answer(r: requests.Response) -> dict:
+    assert r.status_code == 200, r.text
+    (output,) = r.json()["outputs"]
+    assert output["name"] == "image" and output["datatype"] == "BYTES"
+    return json.loads(output["data"][0])
+
+
+def _is_the_cat(answer: dict, topk: int = 5) -> None:
+    assert len(answer["predictions"]) == topk
+    assert (answer["predictions"][0]["class_id"], answer["predictions"][0]["label"]) == (285, "Egyptian cat")
+    grid = answer["cams"][0]["map"]
+    assert len(grid) == 7 and all(len(row) == 7 and all(0.0 <= v <= 1.0 for v in row) for row in grid)
+    assert max(v for row in grid for v in row) == 1.0
+
+
+@pytest.fixture(scope="class")
+def predictor(tmp_path_factory):
+    """The overlay's config.properties serving the default archive, started as KServe's TorchServe
+    runtime starts this image; it lives for the class that uses it."""
+    root = _kserve_store(tmp_path_factory.mktemp("kserve") / "store")
+    with _kserve_predictor(root, tmp_path_factory.mktemp("kserve-work")) as server:
+        yield server
+
+
+@pytest.mark.server
+class TestKServePredictor:
+    """Requests as KServe forwards them: its ingress and queue-proxy pass the HTTP request through
+    to TorchServe on 8080."""
+
+    def _infer(self, server: LocalServer, doc: dict) -> requests.Response:
+        return requests.post(f"{server.url}/v2/models/efficientnet_lite0/infer", json=doc, timeout=120)
+
+    def test_v2_with_options_as_parameters_or_inputs(self, predictor):
+        options = {"topk": 3, "cam_classes": "281,Egyptian cat", "outputs": "map,heatmap"}
+        r = self._infer(predictor, {"id": "cat-1", "inputs": [_v2_image()], "parameters": options})
+        assert (r.json()["id"], r.json()["model_name"]) == ("cat-1", "efficientnet_lite0")
+        by_parameters = _v2_answer(r)
+        _is_the_cat(by_parameters, topk=3)
+        assert [c["class_id"] for c in by_parameters["cams"]] == [281, 285]
+        assert base64.b64decode(by_parameters["cams"][1]["heatmap"]).startswith(b"\x89PNG")
+        inputs = [_v2_image(), {"name": "topk", "shape": [1], "datatype": "INT64", "data": [3]}]
+        inputs += [{"name": k, "shape": [1], "datatype": "BYTES", "data": [v]}
+                   for k, v in options.items() if k != "topk"]
+        by_inputs = _v2_answer(self._infer(predictor, {"inputs": inputs}))
+        assert by_inputs["predictions"] == by_parameters["predictions"]
+        assert [c["map"] for c in by_inputs["cams"]] == [c["map"] for c in by_parameters["cams"]]
+
+    def test_v2_binary_tensor_form(self, predictor):
+        import numpy as np
+        import tritonclient.http as triton_http
+
+        client = triton_http.InferenceServerClient(predictor.url.split("//")[1])
+        image = triton_http.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([CHELSEA], dtype=np.object_))  # raw bytes, binary extension
+        (text,) = client.infer("efficientnet_lite0", [image], parameters={"topk": 2}).as_numpy("image")
+        _is_the_cat(json.loads(text), topk=2)
+
+    def test_v2_requests_batch_despite_kserves_envelope_variable(self, predictor):
+        """TS_SERVICE_ENVELOPE=kservev2 is in the server's environment, as KServe sets it; with
+        enable_envvars_config=false TorchServe ignores it, and concurrent requests form batches."""
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: _v2_answer(self._infer(predictor, {"inputs": [_v2_image()]})), range(8)))
+        for answer in answers:
+            _is_the_cat(answer)
+        assert max(a["batch_size"] for a in answers) > 1
+
+    def test_bad_v2_request_gets_its_4xx(self, predictor):
+        r = self._infer(predictor, {"inputs": [_v2_image()], "parameters": {"topk": 0}})
+        assert r.status_code == 400
+        assert r.json()["error"] == "topk must be between 1 and 1000, got 0"
+        assert json.loads(r.json()["outputs"][0]["data"][0])["error"] == "invalid_option"
+
+    def test_probes_and_metrics_without_a_token(self, predictor):
+        assert requests.get(predictor.url + "/ping", timeout=10).status_code == 200
+        environ = dict(os.environ, TS_CONFIG_FILE=str(predictor.workdir / "config.properties"),
+                       TS_WORKDIR=str(predictor.workdir), TS_WORKERS="1")
+        ready = subprocess.run([sys.executable, str(ENTRYPOINT), "ready"], env=environ, capture_output=True,
+                               text=True, timeout=60)
+        assert ready.returncode == 0, ready.stderr
+        text = requests.get(predictor.metrics_url + "/metrics", timeout=10).text
+        value = re.search(r'^ts_inference_requests_total\{model_name="efficientnet_lite0",.*\} ([0-9.eE+]+)$', text,
+                          re.M)
+        assert value and float(value.group(1)) > 0
+
+
+@pytest.mark.server
+def test_kserves_envelope_comes_on_with_enable_envvars_config(tmp_path):
+    """The control: the same config with enable_envvars_config=true (as KServe's TorchServe docs set
+    it) lets KServe's TS_SERVICE_ENVELOPE=kservev2 in: the envelope drops the parameters, and fails
+    every batch of two or more requests of the default archive."""
+    root = _kserve_store(tmp_path / "store")
+    with _kserve_predictor(root, tmp_path / "work", enable_envvars_config="true") as server:
+        url = f"{server.url}/v2/models/efficientnet_lite0/infer"
+        r = requests.post(url, json={"inputs": [_v2_image()], "parameters": {"topk": 2}}, timeout=120)
+        _is_the_cat(_v2_answer(r), topk=5)
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: requests.post(url, json={"inputs": [_v2_image()]}, timeout=120),
+                                    range(8)))
+    failed = [r for r in replies if r.status_code == 503]
+    assert failed and all(r.json()["message"] == "number of batch response mismatched" for r in failed)
+    assert all(_v2_answer(r)["batch_size"] == 1 for r in replies if r.status_code != 503)
 
 
 # ---------------------------------------------------------------------------------- failover
