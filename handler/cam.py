@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from handler.compiled import bucket_for, pad_batch
+
 __all__ = [
     "METHODS",
     "CamEngine",
@@ -411,6 +413,10 @@ class CamEngine:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.batched_targets = batched_targets
         self.input_size = tuple(input_size)
+        # Set by handler.compiled for a compiled model: pad batches to these sizes, or mark the
+        # batch dimension dynamic.
+        self.batch_buckets: tuple[int, ...] | None = None
+        self.dynamic_batch = False
         # The served model is frozen once: its parameters never require grad.
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
         for p in self.model.parameters():
@@ -435,8 +441,21 @@ class CamEngine:
         return x.contiguous(memory_format=self.memory_format)
 
     def forward(self, x: Tensor) -> CamPass:
-        """One forward in which autograd records only the head above the target layer."""
-        return _forward(self.model, self.layer, x, self.autocast)
+        """One forward in which autograd records only the head above the target layer.
+
+        For a compiled model (:mod:`handler.compiled`) the batch is padded to its bucket size, or
+        its size marked dynamic, so that no batch size compiles anew; ``logits`` then keep the
+        batch's own rows and ``activation`` the padded ones.
+        """
+        n = x.shape[0]
+        if self.batch_buckets:
+            x = pad_batch(x, bucket_for(n, self.batch_buckets)).contiguous(memory_format=self.memory_format)
+        elif self.dynamic_batch and n > 1:
+            torch._dynamo.mark_dynamic(x, 0)
+        cam_pass = _forward(self.model, self.layer, x, self.autocast)
+        if cam_pass.logits.shape[0] != n:
+            cam_pass = CamPass(logits=cam_pass.logits[:n], activation=cam_pass.activation)
+        return cam_pass
 
     def cams(
         self, cam_pass: CamPass, rows: Sequence[int] | Tensor, classes: Tensor, methods: Sequence[str]

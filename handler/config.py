@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["ServeConfig", "RESIZE_MODES", "PRECISIONS", "INTERPOLATIONS"]
+__all__ = ["ServeConfig", "RESIZE_MODES", "PRECISIONS", "INTERPOLATIONS", "SWITCHES", "COMPILE_BATCH_MODES"]
 
 RESIZE_MODES = ("squash", "letterbox")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+SWITCHES = ("auto", "on", "off")
+COMPILE_BATCH_MODES = ("buckets", "dynamic")
 
 
 @dataclass
@@ -32,7 +34,18 @@ class ServeConfig:
         mean: per-channel mean, [0, 1] units.
         std: per-channel std, [0, 1] units.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast on accelerators.
-        channels_last: channels-last memory format.
+        channels_last: channels-last memory format: ``on``, ``off``, or ``auto`` (the archiver
+            times both and writes down the faster; an unresolved ``auto`` serves ``off``).
+        compile: ``torch.compile`` the model: ``on``, ``off``, or ``auto`` (resolved by the
+            archiver like ``channels_last``). A worker that cannot compile serves eager.
+        compile_backend: ``torch.compile`` backend.
+        compile_mode: ``torch.compile`` mode (empty for the default; ``reduce-overhead`` or
+            ``max-autotune`` on GPUs).
+        compile_batch: ``buckets`` (pad batches to powers of two) or ``dynamic`` (the batch
+            dimension marked dynamic): the graphs every batch size needs, compiled at load.
+        compile_cache_dir: inductor's cache folder (empty: ``~/.cache/gradcam-serve/inductor``,
+            shared by every worker and server of the user, so restarts load compiled kernels).
+        tuning: what the archiver measured when it resolved ``auto`` (informational).
         batched_targets: vmapped gradient pass for several classes per image.
         topk: default predictions per image.
         cam_classes: default CAM targets: ``top1``, ``topN``, ``none`` or class list.
@@ -64,7 +77,13 @@ class ServeConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: str = "off"
+    compile: str = "off"
+    compile_backend: str = "inductor"
+    compile_mode: str = ""
+    compile_batch: str = "buckets"
+    compile_cache_dir: str = ""
+    tuning: dict = field(default_factory=dict)
     batched_targets: bool = True
     topk: int = 5
     cam_classes: str = "top1"
@@ -135,7 +154,17 @@ class ServeConfig:
             setattr(self, key, [float(v) for v in value])
         _check(all(v > 0 for v in self.std), "std", "positive")
         _check(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
-        _check(isinstance(self.channels_last, bool), "channels_last", "true or false")
+        for key in ("channels_last", "compile"):  # archives before these were switches held booleans
+            value = getattr(self, key)
+            if isinstance(value, bool):
+                setattr(self, key, "on" if value else "off")
+            _check(getattr(self, key) in SWITCHES, key, f"one of {', '.join(SWITCHES)}")
+        _check(self.compile_batch in COMPILE_BATCH_MODES, "compile_batch",
+               f"one of {', '.join(COMPILE_BATCH_MODES)}")
+        for key in ("compile_backend", "compile_mode", "compile_cache_dir"):
+            _check(isinstance(getattr(self, key), str), key, "a string")
+        _check(bool(self.compile_backend), "compile_backend", "a torch.compile backend name")
+        _check(isinstance(self.tuning, dict), "tuning", "a mapping")
         for key in ("malloc_mmap_threshold_mib", "malloc_trim_threshold_mib"):
             value = getattr(self, key)
             _check(isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2047, key,

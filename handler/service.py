@@ -38,6 +38,7 @@ from handler.codec import (
     parse_defaults,
     parse_options,
 )
+from handler.compiled import CompiledPass
 from handler.config import ServeConfig
 from handler.errors import (
     DeviceOutOfMemory,
@@ -125,9 +126,12 @@ class GradCamHandler:
             std=config.std,
             input_size=tuple(config.input_size),
             precision=config.precision if self.device.type == "cuda" else "fp32",
-            channels_last=config.channels_last,
+            channels_last=config.channels_last == "on",
             batched_targets=config.batched_targets,
         )
+        for key in ("channels_last", "compile"):
+            if getattr(config, key) == "auto":
+                logger.info("%s is 'auto' but was not resolved by scripts/archive.py: serving with it off", key)
         self.limits = CodecLimits(
             max_image_bytes=config.max_image_bytes,
             max_pixels=config.max_pixels,
@@ -142,6 +146,7 @@ class GradCamHandler:
         # Dry batch: a broken target layer or head fails the load, not the first request.
         warm = Image.new("RGB", tuple(reversed(config.input_size)), (128, 128, 128))
         self._run([self._job(0, warm, self.defaults)])
+        self.compiled = self._compile(int(props.get("batch_size") or 1), warm) if config.compile == "on" else None
         metrics = getattr(context, "metrics", None)
         self.metrics = HandlerMetrics(metrics, self.model_name) if metrics is not None else None
         self.initialized = True
@@ -150,6 +155,28 @@ class GradCamHandler:
             self.model_name, config.model, self.device, self.engine.target_layer,
             config.input_size, config.precision,
         )
+
+    def _compile(self, batch_size: int, warm: Image.Image) -> CompiledPass | None:
+        """Compile the model and every graph a batch of 1..batch_size needs, now, not on a request.
+
+        Returns None (serving eager, after one warning) where compiling fails.
+        """
+        config = self.config
+        started = time.perf_counter()
+        compiled = CompiledPass(self.engine, batch_size, config.compile_batch, config.compile_backend,
+                                config.compile_mode, config.compile_cache_dir)
+        # Vmapped gradients have no batching rule through inductor's backward kernels: one
+        # gradient pass per round of classes instead.
+        batched_targets, self.engine.batched_targets = self.engine.batched_targets, False
+        seconds = compiled.warm_up(lambda n: self._run([self._job(i, warm, self.defaults) for i in range(n)]))
+        if not compiled.active:
+            self.engine.batched_targets = batched_targets
+            return None
+        logger.info("compiled %s (%s, %s) for batch sizes %s in %.1f s (%s); kernel cache %s", config.model,
+                    config.compile_backend, config.compile_mode or "default mode", "/".join(map(str, compiled.sizes)),
+                    time.perf_counter() - started, ", ".join(f"{n}: {s:.1f} s" for n, s in seconds.items()),
+                    compiled.cache or "inductor's default")
+        return compiled
 
     # ------------------------------------------------------------------ requests
 

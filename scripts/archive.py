@@ -163,6 +163,83 @@ def dry_run(model, config) -> tuple[str, tuple[int, int]]:
     return engine.target_layer, tuple(act.shape[2:])
 
 
+def _time_pass(engine, pixels, classes, reps: int) -> tuple[float, object]:
+    """Median images/s of the full pass (forward, gradient, normalised maps) and its maps."""
+    from handler.cam import normalize_maps
+
+    n = pixels.shape[0]
+
+    def once():
+        cam_pass = engine.forward(engine.prepare(pixels))
+        return normalize_maps(engine.cams(cam_pass, list(range(n)), classes, ["gradcam"] * n))
+
+    once()
+    times, maps = [], None
+    for _ in range(reps):
+        started = time.perf_counter()
+        maps = once()
+        times.append(time.perf_counter() - started)
+    return n / sorted(times)[len(times) // 2], maps
+
+
+def tune(model, config, batch_size: int, compile_choice: str, channels_last_choice: str, device: str,
+         reps: int = 5) -> dict:
+    """Resolve ``auto`` for channels_last and compile by timing them here, on this machine's device.
+
+    Each option is kept only when it is correct (maps equal the eager pass's within 1e-5 after
+    normalisation) and at least 5% faster: timings on a busy machine are noisy, and a compiled
+    worker pays for compiling at every cold start.
+
+    Returns:
+        ``config.tuning``: the device, batch, images/s per option and the choice.
+    """
+    import copy
+
+    import torch
+
+    from handler.cam import CamEngine
+    from handler.compiled import CompiledPass
+
+    def engine(channels_last: bool):
+        return CamEngine(copy.deepcopy(model), config.target_layer, device=device, mean=config.mean, std=config.std,
+                         input_size=tuple(config.input_size), channels_last=channels_last,
+                         precision=config.precision if device == "cuda" else "fp32")
+
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (batch_size, *config.input_size, 3), dtype=torch.uint8, generator=gen)
+    classes = (torch.arange(batch_size) % config.num_classes).to(device)
+    speeds, diffs = {}, {}
+    speeds["eager"], reference = _time_pass(engine(False), pixels, classes, reps)
+    channels_last = channels_last_choice == "on"
+    if channels_last_choice == "auto":
+        speeds["channels_last"], maps = _time_pass(engine(True), pixels, classes, reps)
+        diffs["channels_last"] = float((maps - reference).abs().max())
+        channels_last = diffs["channels_last"] <= 1e-5 and speeds["channels_last"] >= 1.05 * speeds["eager"]
+    compiled = compile_choice == "on"
+    if compile_choice == "auto":
+        base = speeds["channels_last" if channels_last else "eager"]
+        candidate = engine(channels_last)
+        candidate.batched_targets = False
+        logger.info("  compiling the pass to time it (a minute or so on a CPU) ...")
+        CompiledPass(candidate, batch_size, config.compile_batch, config.compile_backend, config.compile_mode)
+        try:
+            speeds["compiled"], maps = _time_pass(candidate, pixels, classes, reps)
+            diffs["compiled"] = float((maps - reference).abs().max())
+            compiled = diffs["compiled"] <= 1e-5 and speeds["compiled"] >= 1.05 * base
+        except Exception as exc:  # no C++ compiler, an unsupported op: serve eager
+            logger.warning("  torch.compile failed here (%s: %s): the archive serves eager",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            compiled = False
+    config.channels_last = "on" if channels_last else "off"
+    config.compile = "on" if compiled else "off"
+    return {
+        "device": device, "batch": batch_size,
+        "images_per_s": {k: round(v, 1) for k, v in speeds.items()},
+        "max_map_difference": {k: float(f"{v:.2g}") for k, v in diffs.items()},
+        "chosen": {"channels_last": config.channels_last, "compile": config.compile},
+    }
+
+
 # --------------------------------------------------------------------------- packaging
 
 # What the handler imports beyond TorchServe and torch, by model source. torchvision comes with
@@ -210,6 +287,8 @@ def model_config_yaml(args, config) -> str:
     # it, TorchServe runs `pip install -t MODEL_DIR`, which ignores the installed packages and
     # would install timm's torch into every model's folder.
     server["useVenv"] = True
+    # A compiled worker compiles every batch bucket in initialize: give it the time.
+    server["startupTimeout"] = args.startup_timeout or (600 if config.compile == "on" else 120)
     if args.device_type != "auto":
         server["deviceType"] = args.device_type
     server["handler"] = config.to_dict()
@@ -264,7 +343,7 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from handler.codec import CAM_METHODS
-    from handler.config import INTERPOLATIONS, PRECISIONS, RESIZE_MODES
+    from handler.config import COMPILE_BATCH_MODES, INTERPOLATIONS, PRECISIONS, RESIZE_MODES, SWITCHES
 
     p = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -322,7 +401,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cam.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam")
     cam.add_argument("--outputs", default="map", help="comma list of map, heatmap, overlay")
     cam.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast on GPUs")
-    cam.add_argument("--channels-last", action="store_true")
+    fast = p.add_argument_group("speed (auto: timed here during the dry run, the faster correct choice is kept)")
+    fast.add_argument("--compile", choices=SWITCHES, default="auto",
+                      help="torch.compile the model; the worker compiles every batch size at load and serves "
+                           "eager if it cannot (default: %(default)s)")
+    fast.add_argument("--channels-last", choices=SWITCHES, default="auto",
+                      help="channels-last memory format (default: %(default)s)")
+    fast.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: %(default)s)")
+    fast.add_argument("--compile-mode", default="",
+                      help="torch.compile mode, e.g. reduce-overhead or max-autotune on GPUs (default: inductor's)")
+    fast.add_argument("--compile-batch", choices=COMPILE_BATCH_MODES, default="buckets",
+                      help="buckets: pad batches to powers of two; dynamic: mark the batch size dynamic "
+                           "(default: %(default)s)")
+    fast.add_argument("--compile-cache-dir", default="",
+                      help="inductor's cache folder on the server (default: ~/.cache/gradcam-serve/inductor, "
+                           "shared by its workers, so a restarted worker loads its compiled kernels)")
+    fast.add_argument("--startup-timeout", type=int, default=None, metavar="S",
+                      help="the worker's load time limit (default: 600 with compile, else 120)")
     cam.add_argument("--max-side", type=int, default=512, help="long side cap of heatmaps/overlays")
     cam.add_argument("--max-cams", type=int, default=5, help="most CAM classes per request")
     cam.add_argument("-q", "--quiet", action="store_true", help="only errors")
@@ -424,7 +519,10 @@ def run(args: argparse.Namespace) -> int:
             "target_layer": args.target_layer, "resize": args.resize,
             "input_size": [int(v) for v in prep["input_size"]], "interpolation": prep["interpolation"],
             "mean": prep["mean"], "std": prep["std"], "precision": args.precision,
-            "channels_last": args.channels_last, "topk": args.topk or min(5, num_classes),
+            "channels_last": args.channels_last, "compile": args.compile,
+            "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
+            "compile_batch": args.compile_batch, "compile_cache_dir": args.compile_cache_dir,
+            "topk": args.topk or min(5, num_classes),
             "cam_classes": args.cam_classes,
             "cam_method": args.cam_method, "outputs": args.outputs, "max_side": args.max_side,
             "max_cams": args.max_cams, "malloc_mmap_threshold_mib": args.malloc_thresholds[0],
@@ -441,6 +539,16 @@ def run(args: argparse.Namespace) -> int:
     t = _step("dry batch through the Grad-CAM pass")
     config.target_layer, grid = dry_run(model, config)
     logger.info("  target layer %s, map %dx%d, in %.1fs", config.target_layer, *grid, time.perf_counter() - t)
+
+    if "auto" in (config.compile, config.channels_last):
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and args.device_type != "cpu" else "cpu"
+        t = _step(f"timing channels_last and torch.compile at batch {args.batch_size} on this machine's {device}")
+        config.tuning = tune(model, config, args.batch_size, config.compile, config.channels_last, device)
+        speeds = ", ".join(f"{k} {v} img/s" for k, v in config.tuning["images_per_s"].items())
+        logger.info("  %s: compile %s, channels_last %s, in %.1fs", speeds, config.compile, config.channels_last,
+                    time.perf_counter() - t)
 
     t = _step(f"packaging {target}")
     mar = package(args, config, model.state_dict(), model_file, labels, requirements)

@@ -27,8 +27,16 @@ def readme_blocks() -> dict[str, str]:
     return dict(re.findall(r"<!-- readme-test: (\S+) -->\n```bash\n(.*?)```", text, flags=re.S))
 
 
+# Archives the tests build serve eager unless a test is about compiling (tests/test_compiled.py):
+# the archiver's default, --compile auto, times a compiled pass on every build, and a compiled
+# worker compiles at every load.
+EAGER = ("--compile", "off", "--channels-last", "off")
+
+
 def run_archiver(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run scripts/archive.py as a user would, from the repo root."""
+    """Run scripts/archive.py as a user would, from the repo root (eager unless ``--compile`` is given)."""
+    if not any(a.startswith(("--compile", "--channels-last", "--help")) for a in args):
+        args = (*args, *EAGER)
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py"), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and done.returncode != 0:
@@ -87,7 +95,7 @@ def model_store(tmp_path_factory, weights) -> Path:
     }
     procs = {
         name: subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--export-path", str(store), *args],
+            [sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--export-path", str(store), *args, *EAGER],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, args in builds.items()
     }

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DATA, ROOT, photo, run_archiver
+from conftest import DATA, EAGER, ROOT, photo, run_archiver
 
 
 @pytest.mark.server
@@ -154,7 +154,7 @@ def test_parallel_builds_of_one_name_do_not_collide(tmp_path, tiny_weights):
     procs = [subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--model",
          f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3", "--input-size", "64",
-         "--weights", str(tiny_weights), "--name", "same", "--export-path", str(out)],
+         "--weights", str(tiny_weights), "--name", "same", "--export-path", str(out), *EAGER],
         stderr=subprocess.PIPE, text=True) for out in outs]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()

@@ -1,0 +1,128 @@
+"""The compiled Grad-CAM pass: ``torch.compile`` of the served model, batch sizes without recompiles.
+
+``torch.compile`` traces through the target layer's forward hook; the graph breaks where the
+hook makes the activation a leaf, so the backbone below the layer compiles as an inference graph
+and the head above it as a forward-and-backward graph that ``torch.autograd.grad`` runs. The maps
+equal the eager engine's (tests/test_compiled.py).
+
+TorchServe hands the handler batches of 1..``batchSize`` requests. Each new batch size would
+recompile, so the batch is either padded to a few bucket sizes (powers of two up to
+``batchSize``) or its size marked dynamic; either way every graph is compiled in the worker's
+``initialize``, so no request pays for compiling. Nothing here imports TorchServe or PIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHOICES", "BATCH_MODES", "bucket_sizes", "bucket_for", "pad_batch", "cache_dir", "CompiledPass"]
+
+logger = logging.getLogger(__name__)
+
+CHOICES = ("auto", "on", "off")
+BATCH_MODES = ("buckets", "dynamic")
+
+
+def bucket_sizes(batch_size: int) -> tuple[int, ...]:
+    """Powers of two below ``batch_size``, then ``batch_size`` itself: ``8 -> (1, 2, 4, 8)``.
+
+    Raises:
+        ValueError: if ``batch_size`` is not positive.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    sizes, size = [], 1
+    while size < batch_size:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, batch_size)
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``n`` images (``n`` itself past the largest)."""
+    return next((b for b in buckets if b >= n), n)
+
+
+def pad_batch(x: Tensor, size: int) -> Tensor:
+    """``x`` with its last image repeated up to ``size`` rows (real pixels: no odd statistics)."""
+    n = x.shape[0]
+    if size <= n:
+        return x
+    return torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+
+
+def cache_dir(configured: str = "") -> str | None:
+    """Where inductor keeps compiled kernels: ``configured``, else a folder in the user's cache
+    (``$XDG_CACHE_HOME`` or ``~/.cache``) that every worker and server of this user shares, so a
+    restarted worker or server loads its kernels instead of compiling them. None where that is
+    not writable (a read-only home): inductor's default then, under the worker's temp dir."""
+    if configured:
+        return configured
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "gradcam-serve", "inductor")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
+class CompiledPass:
+    """Compiles an engine's model and keeps the eager one to fall back to.
+
+    Args:
+        engine: a :class:`handler.cam.CamEngine`; its ``model`` is replaced by the compiled one.
+        batch_size: the largest batch TorchServe hands over.
+        batch_mode: ``buckets`` (pad to powers of two) or ``dynamic`` (batch dimension dynamic).
+        backend: ``torch.compile`` backend.
+        mode: ``torch.compile`` mode (``None``/``""`` for the default).
+        cache: inductor's cache folder; empty for :func:`cache_dir`'s default.
+    """
+
+    def __init__(self, engine, batch_size: int, batch_mode: str = "buckets", backend: str = "inductor",
+                 mode: str | None = None, cache: str = "") -> None:
+        if batch_mode not in BATCH_MODES:
+            raise ValueError(f"batch_mode must be one of {', '.join(BATCH_MODES)}, not '{batch_mode}'")
+        folder = cache_dir(cache)
+        if folder:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        self.cache = folder
+        self.engine = engine
+        self.eager = engine.model
+        self.batch_mode = batch_mode
+        self.sizes = bucket_sizes(batch_size) if batch_mode == "buckets" else (batch_size, 1)
+        engine.model = torch.compile(engine.model, backend=backend, mode=mode or None, dynamic=False)
+        engine.batch_buckets = self.sizes if batch_mode == "buckets" else None
+        engine.dynamic_batch = batch_mode == "dynamic"
+        self.active = True
+
+    def warm_up(self, run: Callable[[int], object]) -> dict[int, float]:
+        """Compile every graph a batch can need by running ``run(n)`` for each size; seconds each.
+
+        On any failure (no C++ compiler, an operator the backend cannot handle) the engine goes
+        back to its eager model, one warning says why, and the exception is not raised.
+        """
+        seconds = {}
+        try:
+            for size in self.sizes:
+                started = time.perf_counter()
+                run(size)
+                seconds[size] = time.perf_counter() - started
+        except Exception as exc:  # compiling must never stop a load: serve eager
+            logger.warning("torch.compile failed (%s: %s); serving the eager model",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.fall_back()
+        return seconds
+
+    def fall_back(self) -> None:
+        """Serve the eager model from now on."""
+        self.engine.model = self.eager
+        self.engine.batch_buckets = None
+        self.engine.dynamic_batch = False
+        self.active = False

@@ -1,0 +1,183 @@
+"""The compiled serve path: maps equal the eager engine's, every batch size served without a
+recompile after load, and a worker that cannot compile serves eager.
+
+Compiling costs seconds per graph on a CPU: each test compiles only the batch sizes it uses,
+at a small input size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from test_cam import _calibrated
+from test_handler import _batch, _handler, _png, model_dir  # noqa: F401 (fixture)
+
+from handler.cam import METHODS, CamEngine, normalize_maps
+from handler.compiled import CompiledPass, bucket_for, bucket_sizes, pad_batch
+from handler.config import ServeConfig
+
+SIZE = 96
+
+
+def test_buckets_cover_every_batch_size_with_powers_of_two():
+    assert bucket_sizes(8) == (1, 2, 4, 8)
+    assert bucket_sizes(6) == (1, 2, 4, 6)
+    assert bucket_sizes(1) == (1,)
+    assert [bucket_for(n, bucket_sizes(8)) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert bucket_for(9, (1, 2)) == 9
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        bucket_sizes(0)
+
+
+def test_pad_batch_repeats_the_last_image():
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    padded = pad_batch(x, 4)
+    assert padded.shape == (4, 3, 2, 2)
+    torch.testing.assert_close(padded[:2], x)
+    torch.testing.assert_close(padded[2], x[1])
+    torch.testing.assert_close(padded[3], x[1])
+    assert pad_batch(x, 2) is x
+
+
+def test_config_switches_accept_the_old_booleans_and_refuse_unknown_values():
+    assert ServeConfig.from_dict({"channels_last": True}).channels_last == "on"
+    assert ServeConfig.from_dict({"compile": False}).compile == "off"
+    with pytest.raises(ValueError, match="'compile' must be one of auto, on, off"):
+        ServeConfig.from_dict({"compile": "fast"})
+    with pytest.raises(ValueError, match="'compile_batch' must be one of buckets, dynamic"):
+        ServeConfig.from_dict({"compile_batch": "pad"})
+
+
+def _model(arch: str, x: torch.Tensor) -> torch.nn.Module:
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    if arch.startswith("timm:"):
+        model = timm.create_model(arch[5:], pretrained=False, num_classes=20)
+    else:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=20)
+    return _calibrated(model, x)
+
+
+def _classes(model, x, rows):
+    """Each image's best classes in turn: its first target is its top class, the next its second..."""
+    with torch.no_grad():
+        ranked = model(x).argsort(dim=1, descending=True)
+    return torch.tensor([int(ranked[r, rows[:i].count(r)]) for i, r in enumerate(rows)])
+
+
+def test_compiled_maps_of_the_default_model_on_photos_equal_eager_within_1e_5():
+    """The served model with its real weights, the test photos, each photo's best two or three
+    classes under all five methods."""
+    from PIL import Image
+    from test_cam import DATA, _pretrained_lite0
+
+    from handler.render import image_pixels
+
+    model = _pretrained_lite0()
+    photos = [Image.open(DATA / name).convert("RGB") for name in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
+    pixels = torch.from_numpy(np.stack([image_pixels(p, (224, 224), Image.Resampling.BICUBIC) for p in photos]))
+    kwargs = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "batched_targets": False}
+    eager = CamEngine(copy.deepcopy(model), "bn2", **kwargs)
+    compiled = CamEngine(copy.deepcopy(model), "bn2", **kwargs)
+    CompiledPass(compiled, batch_size=4)
+    x = eager.prepare(pixels)
+    rows = [0, 0, 1, 1, 2, 2, 2]
+    classes = _classes(eager.model, x, rows)
+    assert classes[0] == 285 and classes[2] == 967  # Egyptian cat, espresso
+    methods = [METHODS[i % len(METHODS)] for i in range(len(rows))]
+    want = normalize_maps(eager.cams(eager.forward(x), rows, classes, methods))
+    got = normalize_maps(compiled.cams(compiled.forward(x), rows, classes, methods))
+    assert float(want.amax()) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch, layer, batch_mode", [
+    ("resnet18", "layer4", "buckets"), ("mobilenet_v2", "features", "dynamic"),
+])
+def test_compiled_maps_equal_eager_for_every_method_and_several_classes(arch, layer, batch_mode):
+    """Both passes are compared with the exact maps (the eager pass in float64). The compiled
+    maps are within 1e-5 of them, or within twice the eager fp32 pass's own error where that is
+    larger: fp32 rounding alone puts the eager maps up to ~5e-5 off where a map's channel sum
+    cancels (mobilenet_v2), and two correct fp32 passes cannot agree more closely than that."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 3, SIZE, SIZE, generator=gen)
+    model = _model(arch, x)
+    eager = CamEngine(copy.deepcopy(model), layer, input_size=(SIZE, SIZE), batched_targets=False)
+    exact = CamEngine(copy.deepcopy(model).double(), layer, input_size=(SIZE, SIZE), batched_targets=False)
+    compiled = CamEngine(copy.deepcopy(model), layer, input_size=(SIZE, SIZE), batched_targets=False)
+    CompiledPass(compiled, batch_size=4, batch_mode=batch_mode)
+    # Three images padded to a bucket of 4 (or a dynamic batch); each image's best two or three
+    # classes, all five methods among them.
+    rows = [0, 0, 1, 1, 2, 2, 2]
+    classes = _classes(model, x, rows)
+    methods = [METHODS[i % len(METHODS)] for i in range(len(rows))]
+    got_pass = compiled.forward(x)
+    assert got_pass.logits.shape == (3, 20)
+    torch.testing.assert_close(got_pass.logits, eager.forward(x).logits, atol=1e-4, rtol=1e-4)
+    got = normalize_maps(compiled.cams(got_pass, rows, classes, methods))
+    want = normalize_maps(eager.cams(eager.forward(x), rows, classes, methods))
+    truth = normalize_maps(exact.cams(exact.forward(x.double()), rows, classes, methods)).float()
+    assert float(truth.amax()) == pytest.approx(1.0, abs=1e-6)  # not vacuous: real maps
+    eager_error = float((want - truth).abs().max())
+    assert eager_error < 1e-4  # the reference itself is sound
+    compiled_error = float((got - truth).abs().max())
+    assert compiled_error <= max(1e-5, 2 * eager_error), (compiled_error, eager_error)
+
+
+def _compiled_handler(model_dir, caplog, **handler):  # noqa: F811
+    with caplog.at_level(logging.INFO):
+        return _handler(model_dir, compile="on", **handler)
+
+
+def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load(model_dir, tmp_path,  # noqa: F811
+                                                                              caplog):
+    from torch._dynamo.utils import counters
+
+    eager, eager_context = _handler(model_dir)
+    service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "inductor"))
+    assert service.compiled is not None and service.compiled.sizes == (1, 2, 4, 8)
+    assert "compiled model_src/model.py:TinyNet (inductor, default mode) for batch sizes 1/2/4/8" in caplog.text
+    assert any((tmp_path / "inductor").iterdir())  # the cache a restarted worker finds
+    frames_after_load = counters["stats"]["unique_graphs"]
+    items = [{"body": _png()}, {"image": _png((40, 90)), "cam_classes": "top2", "cam_method": "gradcam++"},
+             {"body": b"not an image"}, {"body": _png((70, 30)), "outputs": "map,heatmap"}]
+    for n in range(1, len(items) + 1):  # batch sizes 1..4: buckets 1, 2, 4, 4
+        want_status, want = _batch(eager, eager_context, items[:n])
+        got_status, got = _batch(service, context, items[:n])
+        assert got_status == want_status
+        for g, w in zip(got, want):
+            if "error" in w:
+                assert g["error"] == w["error"]
+                continue
+            assert [p["class_id"] for p in g["predictions"]] == [p["class_id"] for p in w["predictions"]]
+            for gc, wc in zip(g["cams"], w["cams"], strict=True):
+                assert gc["class_id"] == wc["class_id"]
+                torch.testing.assert_close(torch.tensor(gc["map"]), torch.tensor(wc["map"]), atol=2e-3, rtol=0)
+    assert counters["stats"]["unique_graphs"] == frames_after_load, "a batch size compiled after load"
+
+
+def test_a_worker_that_cannot_compile_serves_eager_after_one_warning(model_dir, tmp_path, caplog,  # noqa: F811
+                                                                     monkeypatch):
+    # No C++ compiler for inductor's CPU kernels, and an empty cache: compiling must fail.
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
+    torch._dynamo.reset()
+    service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "empty-cache"))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert service.compiled is None and not isinstance(service.engine.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert service.engine.batch_buckets is None
+    eager, eager_context = _handler(model_dir)
+    statuses, bodies = _batch(service, context, [{"body": _png()}, {"body": _png((40, 90))}])
+    _, want = _batch(eager, eager_context, [{"body": _png()}, {"body": _png((40, 90))}])
+    assert statuses == [200, 200]
+    assert json.dumps([b["predictions"] for b in bodies]) == json.dumps([w["predictions"] for w in want])
+    torch._dynamo.reset()
