@@ -73,6 +73,13 @@ def cache_dir(configured: str = "") -> str | None:
     return folder if os.access(folder, os.W_OK) else None
 
 
+def _graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 class CompiledPass:
     """Compiles an engine's model and keeps the eager one to fall back to.
 
@@ -101,6 +108,7 @@ class CompiledPass:
         engine.batch_buckets = self.sizes if batch_mode == "buckets" else None
         engine.dynamic_batch = batch_mode == "dynamic"
         self.active = True
+        self.graphs = 0
 
     def warm_up(self, run: Callable[[int], object]) -> dict[int, float]:
         """Compile every graph a batch can need by running ``run(n)`` for each size; seconds each.
@@ -118,7 +126,15 @@ class CompiledPass:
             logger.warning("torch.compile failed (%s: %s); serving the eager model",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self.fall_back()
+        self.graphs = _graph_count()
         return seconds
+
+    def check(self, batch: int) -> None:
+        """Warn when a batch compiled a graph after load (it paid for compiling)."""
+        graphs = _graph_count()
+        if graphs != self.graphs:
+            logger.warning("a batch of %d compiled %d new graph(s) after load", batch, graphs - self.graphs)
+            self.graphs = graphs
 
     def fall_back(self) -> None:
         """Serve the eager model from now on."""

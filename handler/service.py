@@ -96,6 +96,7 @@ class GradCamHandler:
     def __init__(self) -> None:
         self.initialized = False
         self.metrics: HandlerMetrics | None = None
+        self.compiled: CompiledPass | None = None
 
     # ------------------------------------------------------------------ load
 
@@ -215,6 +216,8 @@ class GradCamHandler:
                 bodies = [ModelFailure(f"inference failed: {type(exc).__name__}: {exc}")] * len(jobs)
             for job, body in zip(jobs, bodies):
                 responses[job.idx] = self._answer(context, job.idx, body, len(data), job.reply)
+            if self.compiled is not None:
+                self.compiled.check(len(jobs))
         decode_ms = (decoded - started) * 1e3
         logger.debug("batch of %d: decode %.1f ms, pass %.1f ms, render %.1f ms",
                      len(data), decode_ms, timings["pass"], timings["render"])

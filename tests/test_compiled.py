@@ -161,6 +161,12 @@ def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load
                 assert gc["class_id"] == wc["class_id"]
                 torch.testing.assert_close(torch.tensor(gc["map"]), torch.tensor(wc["map"]), atol=2e-3, rtol=0)
     assert counters["stats"]["unique_graphs"] == frames_after_load, "a batch size compiled after load"
+    assert "new graph(s) after load" not in caplog.text
+    # TorchServe never hands over more than batchSize requests; if anything did compile anew,
+    # the worker says so.
+    statuses, _ = _batch(service, context, [{"body": _png()}] * 9)
+    assert statuses == [200] * 9
+    assert "a batch of 9 compiled" in caplog.text
 
 
 def test_a_worker_that_cannot_compile_serves_eager_after_one_warning(model_dir, tmp_path, caplog,  # noqa: F811
@@ -181,3 +187,44 @@ def test_a_worker_that_cannot_compile_serves_eager_after_one_warning(model_dir, 
     assert statuses == [200, 200]
     assert json.dumps([b["predictions"] for b in bodies]) == json.dumps([w["predictions"] for w in want])
     torch._dynamo.reset()
+
+
+@pytest.mark.server
+def test_a_compiled_archive_serves_the_same_answers_on_a_real_server(server, weights, tmp_path):
+    """TinyNet archived with --compile on and served by a real TorchServe next to the session's
+    eager TinyNet: same classes and maps, every batch size from graphs compiled at load. (The
+    default model's compiled maps are checked in-process above; compiling its four batch
+    buckets takes minutes on a 2-core CI machine.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+    from conftest import DATA, run_archiver
+    from tslocal import LocalServer
+
+    store = tmp_path / "store"
+    run_archiver("-q", "--export-path", str(store), "--name", "tinynet_compiled", "--compile", "on",
+                 "--channels-last", "on", "--compile-cache-dir", str(tmp_path / "inductor"),
+                 "--model", f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3",
+                 "--weights", str(weights["tinynet"]), "--labels", str(DATA / "tinynet" / "index_to_name.json"),
+                 "--input-size", "64", check=True)
+    with __import__("zipfile").ZipFile(store / "tinynet_compiled.mar") as mar:
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    assert config["startupTimeout"] == 600 and config["handler"]["compile"] == "on"
+    images = [_png(), _png((40, 90)), _png((120, 60), (20, 200, 20))]
+    with LocalServer(store, ["tinynet_compiled.mar"], tmp_path / "server") as compiled:
+        log = (compiled.workdir / "logs" / "model_log.log").read_text()
+        assert "for batch sizes 1/2/4/8" in log and "torch.compile failed" not in log
+        for image in images:
+            fields = {"cam_classes": "top2", "outputs": "map", "cam_method": "xgradcam"}
+            want = server.predict("tinynet", files={"image": ("x.png", image)}, data=fields).json()
+            got = compiled.predict("tinynet_compiled", files={"image": ("x.png", image)}, data=fields).json()
+            assert [p["class_id"] for p in got["predictions"]] == [p["class_id"] for p in want["predictions"]]
+            for g, w in zip(got["cams"], want["cams"], strict=True):
+                np.testing.assert_allclose(g["map"], w["map"], atol=2e-3)
+        with ThreadPoolExecutor(11) as pool:  # batches of several sizes
+            answers = list(pool.map(lambda i: compiled.predict(
+                "tinynet_compiled", files={"image": ("x.png", images[i % 3])}), range(11)))
+        assert [r.status_code for r in answers] == [200] * 11
+        assert max(r.json()["batch_size"] for r in answers) > 1
+        log = (compiled.workdir / "logs" / "model_log.log").read_text()
+        assert "new graph(s) after load" not in log and "torch.compile failed" not in log
