@@ -1,9 +1,9 @@
-"""Request codec: a TorchServe request item in, an RGB image and validated options out.
+"""Request codec: a TorchServe request item in, encoded image bytes and validated options out.
 
 Reads three request forms (raw image body with options in headers, multipart form, JSON with a
-base64 image) and KServe v2 inference requests (:mod:`handler.oip`), decodes the image within
-byte and pixel limits, and validates the options against the archive defaults. No TorchServe or
-torch import here.
+base64 image) and KServe v2 inference requests (:mod:`handler.oip`), and validates the options
+against the archive defaults. The image itself is decoded by :mod:`handler.images`, within the
+limits set here. No TorchServe or torch import here.
 """
 
 from __future__ import annotations
@@ -11,25 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
-import io
 import json
-import logging
 import re
-import struct
-import warnings
-import zlib
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
-from handler.errors import (
-    HandlerError,
-    InvalidInput,
-    InvalidOption,
-    PayloadTooLarge,
-    UnsupportedMedia,
-)
+from handler.errors import HandlerError, InvalidInput, InvalidOption
 from handler.oip import ENVELOPE_TENSORS, V2Reply, is_v2_body, parse_v2, split_binary
 
 __all__ = [
@@ -41,13 +27,10 @@ __all__ = [
     "LabelIndex",
     "Options",
     "RawRequest",
-    "decode_image",
     "extract_request",
     "parse_defaults",
     "parse_options",
 ]
-
-_logger = logging.getLogger(__name__)
 
 OPTION_NAMES = ("topk", "cam_classes", "cam_method", "outputs")
 CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
@@ -55,10 +38,6 @@ OUTPUT_FORMS = ("map", "heatmap", "overlay")
 
 _METHOD_ALIASES = {"gradcampp": "gradcam++"}
 _IMAGE_FIELDS = ("image", "file", "data")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-# The only parsers Image.open may try: fewer decoders facing the network, none that shells out.
-_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 _INT = re.compile(r"[+-]?[0-9]+")
 _TOP_N = re.compile(r"top\s*([+-]?[0-9]+)")
 
@@ -334,87 +313,6 @@ def extract_request(item: dict, headers: dict[str, str]) -> RawRequest:
             "body",
         )
     return RawRequest(body, options, "raw")
-
-
-def _gray_to_8bit(image: Image.Image) -> Image.Image:
-    """8-bit copy of 16/32-bit integer or float grayscale, on the 16-bit scale (min-max
-    stretching would turn a flat or dark image into noise)."""
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-    if image.mode == "F" and values.size and values.min() >= 0.0 and values.max() <= 1.0:
-        values = values * 65535.0  # float images are conventionally normalised to [0, 1]
-    return Image.fromarray(np.rint(np.clip(values, 0.0, 65535.0) / 257.0).astype(np.uint8))
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return _gray_to_8bit(image).convert("RGB")
-    try:
-        if mode in _ALPHA_MODES or "transparency" in image.info:
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-        return image if mode == "RGB" else image.convert("RGB")
-    except ValueError as exc:
-        raise UnsupportedMedia(f"image mode {mode} cannot be converted to RGB", "image") from exc
-
-
-def decode_image(data: bytes, limits: CodecLimits) -> Image.Image:
-    """Decode an encoded image into a fully loaded RGB image.
-
-    The pixel count is checked from the header before any pixel is decoded. Animated images
-    give their first frame, EXIF orientation is applied, transparency is composited on white,
-    and 16/32-bit grayscale is scaled to 8 bits.
-
-    Args:
-        data: encoded image bytes.
-        limits: byte and pixel bounds.
-
-    Returns:
-        An RGB image, detached from ``data``.
-
-    Raises:
-        PayloadTooLarge: over ``max_image_bytes`` or ``max_pixels`` (or Pillow's bomb guard).
-        UnsupportedMedia: not JPEG, PNG, GIF, WebP, BMP or TIFF.
-        InvalidInput: empty, zero-sized, truncated or corrupt image.
-    """
-    if not data:
-        raise InvalidInput("image is empty", "image")
-    if len(data) > limits.max_image_bytes:
-        message = f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes} bytes"
-        raise PayloadTooLarge(message, "image")
-    # Pillow's own bomb guard stays on: its warning becomes an error, here only.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
-                width, height = image.size
-                if width <= 0 or height <= 0:
-                    raise InvalidInput(f"image has zero size ({width}x{height})", "image")
-                if width * height > limits.max_pixels:
-                    raise PayloadTooLarge(
-                        f"image is {width}x{height} = {width * height} pixels, over the limit "
-                        f"of {limits.max_pixels} pixels",
-                        "image",
-                    )
-                image.load()
-                try:
-                    oriented = ImageOps.exif_transpose(image)
-                except _DECODE_ERRORS + (KeyError, TypeError) as exc:
-                    _logger.warning("ignoring unreadable EXIF orientation: %s", exc)
-                    oriented = image
-                rgb = _to_rgb(oriented)
-                return rgb.copy() if rgb is image else rgb  # closing `image` frees its pixels
-        except HandlerError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise PayloadTooLarge(f"image is too large to decode safely: {exc}", "image") from exc
-        except UnidentifiedImageError as exc:
-            message = (
-                "image is not a supported image format; send JPEG, PNG, GIF, WebP, BMP or TIFF"
-            )
-            raise UnsupportedMedia(message, "image") from exc
-        except _DECODE_ERRORS as exc:
-            raise InvalidInput(f"image data is corrupt or truncated: {exc}", "image") from exc
 
 
 def _parse_int(value: object, name: str, high: int) -> int:

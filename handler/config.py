@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["ServeConfig", "RESIZE_MODES", "PRECISIONS", "INTERPOLATIONS", "SWITCHES", "COMPILE_BATCH_MODES"]
+__all__ = ["ServeConfig", "RESIZE_MODES", "PRECISIONS", "INTERPOLATIONS", "SWITCHES", "COMPILE_BATCH_MODES",
+           "CODEC_DEVICES"]
 
 RESIZE_MODES = ("squash", "letterbox")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 SWITCHES = ("auto", "on", "off")
 COMPILE_BATCH_MODES = ("buckets", "dynamic")
+CODEC_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -64,6 +66,12 @@ class ServeConfig:
             returning it to the system (0: glibc's default). With both, a worker reuses the
             memory of the last batch instead of faulting it in again: on the CPU a batch runs
             about twice as fast, for the price of keeping its peak working set resident.
+        decode_threads: threads that decode a batch's images in parallel (0 or 1: one at a
+            time, in the worker's thread).
+        decode_device: where baseline JPEGs are decoded: ``auto`` (with nvJPEG on CUDA workers
+            where torchvision has it, else on the CPU), ``cpu``, or ``cuda`` (nvJPEG; the worker
+            fails to load without it). Every other image is decoded on the CPU.
+        encode_device: where overlay JPEGs are encoded, with the same choices.
     """
 
     model: str = "timm:tf_efficientnet_lite0"
@@ -98,6 +106,9 @@ class ServeConfig:
     max_response_bytes: int = 16 * 1024 * 1024
     malloc_mmap_threshold_mib: int = 256
     malloc_trim_threshold_mib: int = 1024
+    decode_threads: int = 2
+    decode_device: str = "auto"
+    encode_device: str = "auto"
 
     @classmethod
     def from_dict(cls, data: dict | None) -> ServeConfig:
@@ -170,6 +181,10 @@ class ServeConfig:
             _check(isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2047, key,
                    "0 (glibc's default) or a size in MiB up to 2047 (mallopt takes an int)")
         _check(isinstance(self.batched_targets, bool), "batched_targets", "true or false")
+        _check(isinstance(self.decode_threads, int) and not isinstance(self.decode_threads, bool)
+               and 0 <= self.decode_threads <= 64, "decode_threads", "an integer in 0..64")
+        for key in ("decode_device", "encode_device"):
+            _check(getattr(self, key) in CODEC_DEVICES, key, f"one of {', '.join(CODEC_DEVICES)}")
         _check(isinstance(self.overlay_alpha, (int, float)) and 0 <= self.overlay_alpha <= 1,
                "overlay_alpha", "a number in [0, 1]")
         _check(self.overlay_quality <= 100, "overlay_quality", "1..100")

@@ -7,6 +7,7 @@ still get their 200. Only this module knows TorchServe's context object.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -33,7 +34,6 @@ from handler.codec import (
     CodecLimits,
     LabelIndex,
     Options,
-    decode_image,
     extract_request,
     parse_defaults,
     parse_options,
@@ -48,21 +48,17 @@ from handler.errors import (
     error_body,
 )
 from handler.host import tune_malloc
+from handler.image_tensors import DeviceJpegRoute, display_batch, model_batch
+from handler.images import ImageDecoder, ImageSource, InputLayout, Photo, cover_size, open_image
 from handler.metrics import HandlerMetrics
 from handler.models import build_model, load_state_dict_strict, read_labels
 from handler.oip import V2Reply, group_tensors, v2_response
-from handler.render import grid_values, image_pixels, jpeg_base64, png_base64
+from handler.render import DeviceJpegEncoder, grid_values, jpeg_base64, png_base64
 
 __all__ = ["GradCamHandler"]
 
 logger = logging.getLogger(__name__)
 
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 _JSON = "application/json"
 
 
@@ -71,7 +67,7 @@ class _Job:
     """One decoded, validated request of the batch."""
 
     idx: int
-    image: Image.Image
+    photo: Photo
     options: Options
     frame: tuple[int, int]  # (height, width) of its heatmaps and overlays
     reply: V2Reply | None = None  # a KServe v2 request: frame the answer as a v2 reply
@@ -141,12 +137,14 @@ class GradCamHandler:
         self.label_index = LabelIndex(self.labels, config.num_classes)
         defaults = {k: getattr(config, k) for k in OPTION_NAMES}
         self.defaults = parse_defaults(defaults, self.label_index, config.num_classes, self.limits)
-        self.resample = _RESAMPLE[config.interpolation]
         # Letterbox padding is the mean colour: zero after normalisation.
-        self.fill = np.round(np.asarray(config.mean) * 255).astype(np.uint8)
+        fill = tuple(int(v) for v in np.round(np.asarray(config.mean) * 255))
+        self.layout = InputLayout(tuple(config.input_size), config.resize, config.interpolation, fill)
+        self.decoder = ImageDecoder(config.decode_threads, _decode_route(config, self.device))
+        self.encoder = _overlay_encoder(config, self.device)
         # Dry batch: a broken target layer or head fails the load, not the first request.
         warm = Image.new("RGB", tuple(reversed(config.input_size)), (128, 128, 128))
-        self._run([self._job(0, warm, self.defaults)])
+        self._run([self._job(0, Photo.of(warm), self.defaults)])
         self.compiled = self._compile(int(props.get("batch_size") or 1), warm) if config.compile == "on" else None
         metrics = getattr(context, "metrics", None)
         self.metrics = HandlerMetrics(metrics, self.model_name) if metrics is not None else None
@@ -169,7 +167,7 @@ class GradCamHandler:
         # Vmapped gradients have no batching rule through inductor's backward kernels: one
         # gradient pass per round of classes instead.
         batched_targets, self.engine.batched_targets = self.engine.batched_targets, False
-        seconds = compiled.warm_up(lambda n: self._run([self._job(i, warm, self.defaults) for i in range(n)]))
+        seconds = compiled.warm_up(lambda n: self._run([self._job(i, Photo.of(warm), self.defaults) for i in range(n)]))
         if not compiled.active:
             self.engine.batched_targets = batched_targets
             return None
@@ -187,18 +185,26 @@ class GradCamHandler:
         data = group_tensors(data)  # service_envelope=kservev2 splits one request into its tensors
         responses: list[str | None] = [None] * len(data)
         jobs: list[_Job] = []
+        pending: list[tuple[int, ImageSource, Options, V2Reply | None]] = []
         for idx, item in enumerate(data):
             reply = None
             try:
                 raw = extract_request(item, _headers(context, idx))
                 reply = raw.reply
-                image = decode_image(raw.image_bytes, self.limits)
+                source = open_image(raw.image_bytes, self.limits)  # header and limits only
                 options = parse_options(
                     raw.options, self.defaults, self.label_index, self.config.num_classes, self.limits
                 )
-                jobs.append(self._job(idx, image, options, reply))
+                pending.append((idx, source, options, reply))
             except HandlerError as err:
                 responses[idx] = self._fail(context, idx, err, len(data), reply or err.v2_reply)
+        # Pixels last, once each request's options say what scale it needs.
+        photos = self.decoder.decode([p[1] for p in pending], [self._need(p[1], p[2]) for p in pending])
+        for (idx, _, options, reply), photo in zip(pending, photos):
+            if isinstance(photo, HandlerError):
+                responses[idx] = self._fail(context, idx, photo, len(data), reply)
+            else:
+                jobs.append(self._job(idx, photo, options, reply))
         decoded = time.perf_counter()
         timings = {"pass": 0.0, "render": 0.0, "maps": 0}
         if jobs:
@@ -225,8 +231,14 @@ class GradCamHandler:
             self.metrics.batch(len(data), decode_ms, timings["pass"], timings["render"], timings["maps"])
         return responses
 
-    def _job(self, idx: int, image: Image.Image, options: Options, reply: V2Reply | None = None) -> _Job:
-        return _Job(idx, image, options, _frame_size(image.width, image.height, self.config.max_side), reply)
+    def _job(self, idx: int, photo: Photo, options: Options, reply: V2Reply | None = None) -> _Job:
+        return _Job(idx, photo, options, _frame_size(*photo.size, self.config.max_side), reply)
+
+    def _need(self, source: ImageSource, options: Options) -> tuple[int, int]:
+        """The ``(width, height)`` a request needs decoded: its place in the model input, and
+        its frame when an overlay is drawn on the photo (a heatmap needs no photo pixels)."""
+        frame = _frame_size(*source.size, self.config.max_side) if "overlay" in options.outputs else None
+        return cover_size(source.size, self.layout, frame)
 
     def _answer(self, context, idx: int, body: dict | HandlerError, batch_size: int,
                 reply: V2Reply | None = None) -> str:
@@ -260,34 +272,15 @@ class GradCamHandler:
 
     # ------------------------------------------------------------------ the batch
 
-    def _model_pixels(self, image: Image.Image) -> tuple[np.ndarray, tuple[float, ...]]:
-        """The image as the model sees it, and its box inside the input (fractions)."""
-        height, width = self.config.input_size
-        if self.config.resize == "squash":
-            return image_pixels(image, (width, height), self.resample), (0.0, 0.0, 1.0, 1.0)
-        scale = min(width / image.width, height / image.height)
-        w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-        x0, y0 = (width - w) // 2, (height - h) // 2
-        canvas = np.empty((height, width, 3), dtype=np.uint8)
-        canvas[:] = self.fill
-        canvas[y0 : y0 + h, x0 : x0 + w] = image_pixels(image, (w, h), self.resample)
-        return canvas, (x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height)
-
     def _run(self, jobs: list[_Job], timings: dict | None = None) -> list[dict]:
         """One forward and gradient pass for the jobs of a batch; their JSON bodies, in order.
 
         ``timings`` receives the pass and render times (ms) and the number of maps.
         """
         started = time.perf_counter()
-        engine, config = self.engine, self.config
-        n = len(jobs)
-        height, width = config.input_size
-        pixels = np.empty((n, height, width, 3), dtype=np.uint8)
-        boxes = []
-        for j, job in enumerate(jobs):
-            pixels[j], box = self._model_pixels(job.image)
-            boxes.append(box)
-        x = engine.prepare(torch.from_numpy(pixels))
+        engine = self.engine
+        pixels, boxes = model_batch([job.photo for job in jobs], self.layout, engine.device)
+        x = engine.prepare(pixels)
         cam_pass = engine.forward(x)
         probs = cam_pass.logits.detach().float().softmax(dim=1)
         k = max(max(j.options.topk for j in jobs),
@@ -314,8 +307,12 @@ class GradCamHandler:
             heat = to_uint8(upsample_maps(maps[device_index(drawn, engine.device)], frame_t, out_size))
             host_in["heat"] = heat
             if blended:
-                host_in["overlay"] = self._overlays(jobs, rows, drawn, blended, frames, heat)
+                overlay = self._overlays(jobs, rows, drawn, blended, frames, heat)
+                encoded = self._encode_overlays(overlay, [frames[drawn.index(p)] for p in blended])
+                host_in.update(encoded or {"overlay": overlay})
+        offsets = np.cumsum([0] + [len(t) for t in host_in.pop("overlay_jpegs", [])])
         host = {k: v.cpu().numpy() for k, v in to_host(host_in).items()}
+        host["overlay_offsets"] = offsets
         passed = time.perf_counter()
         bodies = self._bodies(jobs, boxes, rows, methods, wants, frames, drawn, blended, host, maps.shape[1:])
         if timings is not None:
@@ -347,7 +344,10 @@ class GradCamHandler:
                     fh, fw = frames[at_drawn[p]]
                     if "heatmap" in wants[p]:
                         cam["heatmap"] = png_base64(host["heat"][at_drawn[p], :fh, :fw])
-                    if "overlay" in wants[p]:
+                    if "overlay" in wants[p] and "overlay_jpeg" in host:  # encoded on the device
+                        start, stop = host["overlay_offsets"][at_blended[p] : at_blended[p] + 2]
+                        cam["overlay"] = base64.b64encode(host["overlay_jpeg"][start:stop].tobytes()).decode("ascii")
+                    elif "overlay" in wants[p]:
                         cam["overlay"] = jpeg_base64(host["overlay"][at_blended[p], :fh, :fw],
                                                      self.config.overlay_quality)
                 body["cams"].append(cam)
@@ -380,21 +380,27 @@ class GradCamHandler:
     def _overlays(self, jobs, rows, drawn, blended, frames, heat) -> torch.Tensor:
         """Blend the colour-mapped heat onto each image's display copy, on the device."""
         at_drawn = {p: i for i, p in enumerate(drawn)}
-        height, width = heat.shape[1:]
-        slot: dict[int, int] = {}  # job -> row of `canvases`
-        canvases = []
+        slot: dict[int, int] = {}  # job -> row of `images`
+        photos, photo_frames = [], []
         for p in blended:
             j = rows[p]
             if j not in slot:
-                fh, fw = frames[at_drawn[p]]
-                canvas = np.zeros((height, width, 3), dtype=np.uint8)
-                canvas[:fh, :fw] = image_pixels(jobs[j].image, (fw, fh), Image.Resampling.BILINEAR)
-                slot[j] = len(canvases)
-                canvases.append(canvas)
-        images = torch.from_numpy(np.stack(canvases)).to(self.device, non_blocking=True)
+                slot[j] = len(photos)
+                photos.append(jobs[j].photo)
+                photo_frames.append(frames[at_drawn[p]])
+        images = display_batch(photos, photo_frames, tuple(heat.shape[1:]), self.device)
         pick = device_index([slot[rows[p]] for p in blended], self.device)
         heat_rows = device_index([at_drawn[p] for p in blended], self.device)
         return blend(heat[heat_rows], images[pick], self.engine.lut, self.config.overlay_alpha)
+
+    def _encode_overlays(self, overlay: torch.Tensor, frames: list[tuple[int, int]]) -> dict | None:
+        """Overlay JPEGs encoded on the device, as one byte tensor (only the bytes reach the
+        host); None where the CPU encodes them."""
+        if self.encoder is None:
+            return None
+        encoded = self.encoder.encode([overlay[i, :fh, :fw] for i, (fh, fw) in enumerate(frames)],
+                                      self.config.overlay_quality)
+        return {"overlay_jpeg": torch.cat(encoded), "overlay_jpegs": encoded} if encoded else None
 
     def _class(self, class_id: int, probability: float | None = None) -> dict:
         out = {"class_id": class_id, "label": self.labels[class_id] if self.labels else str(class_id)}
@@ -409,7 +415,7 @@ class GradCamHandler:
         return {
             "model": self.model_name,
             "target_layer": self.engine.target_layer,
-            "image_size": [job.image.width, job.image.height],
+            "image_size": list(job.photo.size),
             "input_size": list(reversed(self.config.input_size)),
             "resize": self.config.resize,
             "grid_size": [gw, gh],
@@ -418,6 +424,43 @@ class GradCamHandler:
                          round(box[2] * gw, 4), round(box[3] * gh, 4)],
             "frame_size": [fw, fh],
         }
+
+
+def _codec_on_device(key: str, choice: str, device: torch.device) -> bool:
+    if choice == "cuda" and device.type != "cuda":
+        raise ValueError(f"handler config '{key}' is 'cuda' but this worker runs on {device}")
+    return choice != "cpu" and device.type == "cuda"
+
+
+def _device_codec(key: str, choice: str, make, what: str):
+    """The device codec ``make()`` gives once its check passed; None (auto) or an error (cuda)
+    where it cannot work."""
+    try:
+        codec = make()
+        codec.check()
+        return codec
+    except (ImportError, RuntimeError) as exc:
+        if choice == "cuda":
+            raise ValueError(f"handler config '{key}' is 'cuda' but nvJPEG cannot {what} here: {exc}") from exc
+        logger.warning("nvJPEG cannot %s here, the CPU does (%s: %s)", what, type(exc).__name__, exc)
+        return None
+
+
+def _decode_route(config: ServeConfig, device: torch.device) -> DeviceJpegRoute | None:
+    """nvJPEG for the batch's baseline JPEGs, when the config and the worker allow it."""
+    if not _codec_on_device("decode_device", config.decode_device, device):
+        return None
+    if config.decode_device == "auto" and config.interpolation == "lanczos":
+        logger.info("decoding on the CPU: the device has no lanczos resize (decode_device: cuda resizes bicubic)")
+        return None
+    return _device_codec("decode_device", config.decode_device, lambda: DeviceJpegRoute(device), "decode")
+
+
+def _overlay_encoder(config: ServeConfig, device: torch.device) -> DeviceJpegEncoder | None:
+    """nvJPEG for overlay JPEGs, when the config and the worker allow it."""
+    if not _codec_on_device("encode_device", config.encode_device, device):
+        return None
+    return _device_codec("encode_device", config.encode_device, lambda: DeviceJpegEncoder(device), "encode")
 
 
 def _headers(context, idx: int) -> dict[str, str]:

@@ -343,7 +343,14 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from handler.codec import CAM_METHODS
-    from handler.config import COMPILE_BATCH_MODES, INTERPOLATIONS, PRECISIONS, RESIZE_MODES, SWITCHES
+    from handler.config import (
+        CODEC_DEVICES,
+        COMPILE_BATCH_MODES,
+        INTERPOLATIONS,
+        PRECISIONS,
+        RESIZE_MODES,
+        SWITCHES,
+    )
 
     p = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -394,6 +401,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="the worker's glibc malloc mmap and trim thresholds: the next batch reuses the last "
                           "one's memory instead of faulting it in again (about 2x faster on CPU); 0 0 keeps "
                           "glibc's defaults")
+    srv.add_argument("--decode-threads", type=int, default=2, metavar="N",
+                     help="threads that decode a batch's images in parallel; 0 or 1 decode one at a time "
+                          "(default: %(default)s)")
+    srv.add_argument("--decode-device", choices=CODEC_DEVICES, default="auto",
+                     help="where baseline JPEGs are decoded: auto (nvJPEG on CUDA workers, else the CPU), cpu, "
+                          "or cuda (nvJPEG; the worker fails to load without it); other images decode on the CPU")
+    srv.add_argument("--encode-device", choices=CODEC_DEVICES, default="auto",
+                     help="where overlay JPEGs are encoded, with the same choices")
     cam = p.add_argument_group("handler defaults (requests may override the first four)")
     cam.add_argument("--topk", type=int, default=None,
                      help="predictions per image (default: 5, or all classes if fewer)")
@@ -527,6 +542,8 @@ def run(args: argparse.Namespace) -> int:
             "cam_method": args.cam_method, "outputs": args.outputs, "max_side": args.max_side,
             "max_cams": args.max_cams, "malloc_mmap_threshold_mib": args.malloc_thresholds[0],
             "malloc_trim_threshold_mib": args.malloc_thresholds[1],
+            "decode_threads": args.decode_threads, "decode_device": args.decode_device,
+            "encode_device": args.encode_device,
         })
         limits = CodecLimits(max_cams=config.max_cams)
         parse_defaults({k: getattr(config, k) for k in ("topk", "cam_classes", "cam_method", "outputs")},

@@ -23,6 +23,7 @@ Builds the stock archive and the glibc-defaults variant itself, starts the serve
 free ports), stops them at the end. Prints a table and writes bench_results/compare_load.json.
 
   .venv/bin/python scripts/compare_load.py --duration 60 --rounds 2
+  .venv/bin/python scripts/compare_load.py --camera     # every row with 12 MP camera photos
 """
 
 from __future__ import annotations
@@ -130,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=int, default=60, help="seconds per row per round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("-u", "--users", type=int, default=16)
-    p.add_argument("--json-out", type=Path, default=ROOT / "bench_results" / "compare_load.json")
+    p.add_argument("--camera", action="store_true",
+                   help="send camera photos (12 MP JPEGs made from tests/data by scripts/camera_photos.py)")
+    p.add_argument("--json-out", type=Path, default=None,
+                   help="default: bench_results/compare_load.json (compare_load_camera.json with --camera)")
     args = p.parse_args(argv)
+    if args.json_out is None:
+        args.json_out = ROOT / "bench_results" / f"compare_load{'_camera' if args.camera else ''}.json"
 
     ours = default_mar()
     results: dict[str, list[dict]] = {label: [] for label, *_ in ROWS}
@@ -155,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--url", server.url, "--metrics-url", server.metrics_url if which != "stock" else "",
                         "--token", server.token, "--model", model, "--route", route, "--outputs", outputs,
                         "-u", str(args.users), "--duration", str(args.duration), "-q",
-                        "--out", str(tmp / f"load-{rnd}-{which}-{route}-{outputs}")])
+                        "--out", str(tmp / f"load-{rnd}-{which}-{route}-{outputs}"),
+                        *(["--camera"] if args.camera else [])])
                     results[label].append(report)
                     waited = drain(server, model, image)
                     if waited > 5:
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "errors": sum(r["failures"] for r in results[label]),
             "mean_batch_size": [r["mean_batch_size"] for r in results[label]],
         })
-    summary = {"users": args.users, "duration_s": args.duration, "rounds": args.rounds,
+    summary = {"users": args.users, "duration_s": args.duration, "rounds": args.rounds, "camera": args.camera,
                "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
                "cpus": os.cpu_count(), "table": table, "runs": results}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine is for, in one call (its time is short):
-#   1. the CUDA tests: tests/test_cam_cuda.py and the handler's GPU test in tests/test_handler.py
+#   1. the CUDA tests: tests/test_cam_cuda.py, tests/test_images_cuda.py (nvJPEG decode and
+#      encode routes) and the handler's GPU test in tests/test_handler.py
 #   2. the engine benchmark on the GPU: scripts/bench_cam.py (batch 64, 224x224; table + JSON)
+#   3. the decode benchmarks: scripts/bench_gpu_decode.py (handler throughput with 12 MP and small
+#      photos at batch 8/32/64, GPU decode route vs CPU route; torchvision vs TorchCodec nvJPEG) and
+#      scripts/bench_decode.py (CPU decode threads 0/2/4/8, on the machine's idle cores)
 # Results go to $OUT (the device tool's return folder) or bench_results/gpu/.
 # Prepare here first (scripts/gpu_prepare.sh), then call the device tool with
-#   command: bash scripts/gpu_check.sh      carry: [".gpu"]      timeout_s: 480
+#   command: bash scripts/gpu_check.sh      carry: [".gpu"]      timeout_s: 600
 # Extra arguments go to bench_cam.py (e.g. --iters 10). Without a GPU it runs the same steps on
 # the CPU (the CUDA tests skip), which checks the script itself.
 set -uo pipefail
@@ -28,7 +32,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
           torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' | tee -a "$out/gpu.txt"
 
 say "CUDA tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cam_cuda.py tests/test_handler.py 2>&1 | tee "$out/tests.log"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cam_cuda.py tests/test_images_cuda.py tests/test_handler.py 2>&1 \
+  | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 say "CUDA tests exit status $tests"
 
@@ -36,4 +41,13 @@ say "engine benchmark"
 "$PY" scripts/bench_cam.py --json-out "$out/bench_cam.json" "$@" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 say "benchmark exit status $bench"
-exit $(( tests != 0 || bench != 0 ))
+
+say "decode benchmark"
+"$PY" scripts/bench_gpu_decode.py --json-out "$out/bench_gpu_decode.json" 2>&1 | tee "$out/bench_decode.log"
+decode=${PIPESTATUS[0]}
+# The CPU route's threads on a machine with idle cores (this one has 2, shared: no win measurable).
+"$PY" scripts/bench_decode.py --threads 0 2 4 8 --json-out "$out/bench_decode_threads.json" 2>&1 \
+  | tee -a "$out/bench_decode.log" || decode=1
+[ "$decode" = 2 ] && ! command -v nvidia-smi >/dev/null && decode=0  # no GPU: nothing to measure
+say "decode benchmark exit status $decode"
+exit $(( tests != 0 || bench != 0 || decode != 0 ))

@@ -12,6 +12,9 @@ examples:
   # predictions only, then with overlays, 1000 requests each at most
   .venv/bin/python scripts/loadtest.py --outputs predictions --max-requests 1000
   .venv/bin/python scripts/loadtest.py --outputs overlay --max-requests 1000
+
+  # camera photos (12 MP JPEGs made from tests/data by scripts/camera_photos.py)
+  .venv/bin/python scripts/loadtest.py --camera --users 8
 """
 
 from __future__ import annotations
@@ -143,6 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
     p.add_argument("--images", type=Path, nargs="+",
                    default=[ROOT / "tests" / "data" / n for n in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")])
+    p.add_argument("--camera", action="store_true",
+                   help="send camera photos instead of --images: 12 MP baseline, progressive, EXIF-rotated and "
+                        "4:3 JPEGs made from tests/data (scripts/camera_photos.py, cached in bench_results/camera/)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: bench_results/load-<time>)")
     p.add_argument("-q", "--quiet", action="store_true", help="no periodic progress table")
     return p.parse_args(argv)
@@ -152,6 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if not _loopback(args.url) or (args.metrics_url and not _loopback(args.metrics_url)):
         sys.exit("loadtest.py only targets loopback addresses (127.0.0.0/8, localhost, ::1)")
+    if args.camera:
+        from camera_photos import load_test_photos
+
+        args.images = load_test_photos()
     if args.token is None and (ROOT / "key_file.json").exists():
         args.token = json.loads((ROOT / "key_file.json").read_text())["inference"]["key"]
     out = args.out or ROOT / "bench_results" / f"load-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -139,7 +139,10 @@ class LocalServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"models {pending} not ready in {timeout:.0f}s:\n{self.log_tail()}")
             if not self.token_auth or (self.workdir / "key_file.json").exists():
-                pending = [m for m in pending if self.worker_status(m) != "READY"]
+                try:
+                    pending = [m for m in pending if self.worker_status(m) != "READY"]
+                except json.JSONDecodeError:  # the server is still writing key_file.json
+                    pass
             time.sleep(0.5)
 
     def stop(self) -> None:

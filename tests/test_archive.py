@@ -149,6 +149,17 @@ def test_existing_archive_needs_force(tmp_path, tiny_weights):
     assert bad.returncode != 0 and "'malloc_trim_threshold_mib' must be 0" in bad.stderr
 
 
+def test_decode_settings_reach_the_handler_config(tmp_path, tiny_weights):
+    done = _tiny(tmp_path, "--weights", str(tiny_weights), "--decode-threads", "0", "--decode-device", "cpu",
+                 "--encode-device", "cuda")
+    assert done.returncode == 0, done.stderr
+    with zipfile.ZipFile(tmp_path / "tiny.mar") as mar:
+        handler = yaml.safe_load(mar.read("model-config.yaml"))["handler"]
+    assert (handler["decode_threads"], handler["decode_device"], handler["encode_device"]) == (0, "cpu", "cuda")
+    bad = _tiny(tmp_path, "--weights", str(tiny_weights), "--force", "--decode-threads", "99")
+    assert bad.returncode != 0 and "'decode_threads' must be an integer in 0..64" in bad.stderr
+
+
 def test_parallel_builds_of_one_name_do_not_collide(tmp_path, tiny_weights):
     outs = [tmp_path / "a", tmp_path / "b"]
     procs = [subprocess.Popen(

@@ -1,16 +1,15 @@
-"""Tests of handler.codec: request forms, image decoding and option validation."""
+"""Tests of handler.codec: request forms and option validation (image decoding: test_images.py)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image
 
 from handler.codec import (
     CAM_METHODS,
@@ -21,17 +20,11 @@ from handler.codec import (
     LabelIndex,
     Options,
     RawRequest,
-    decode_image,
     extract_request,
     parse_defaults,
     parse_options,
 )
-from handler.errors import (
-    InvalidInput,
-    InvalidOption,
-    PayloadTooLarge,
-    UnsupportedMedia,
-)
+from handler.errors import InvalidInput, InvalidOption
 
 DATA = Path(__file__).parent / "data"
 LABELS = [
@@ -261,227 +254,6 @@ def test_multipart_non_utf8_option(png):
     with pytest.raises(InvalidOption, match="not UTF-8") as info:
         extract_request({"image": png, "outputs": b"\xff\xfe"}, {})
     assert info.value.field == "outputs"
-
-
-# --- decode_image ----------------------------------------------------------------------------
-
-
-def _pixel(image: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
-    return tuple(int(v) for v in image.getpixel(xy))
-
-
-def test_decode_png_exact_pixels(png):
-    image = decode_image(png, LIMITS)
-    assert (image.mode, image.size) == ("RGB", (8, 6))
-    assert _pixel(image, (3, 2)) == (10, 20, 30)
-    assert _pixel(image, (0, 0)) == (200, 0, 0)
-    assert getattr(image, "fp", None) is None
-
-
-def test_decode_real_photo():
-    data = (DATA / "chelsea.jpg").read_bytes()
-    with Image.open(DATA / "chelsea.jpg") as reference:
-        expected = np.asarray(reference.convert("RGB"))
-    image = decode_image(data, LIMITS)
-    assert image.mode == "RGB"
-    np.testing.assert_array_equal(np.asarray(image), expected)
-
-
-def test_decode_round_trip_from_json_request(png):
-    request = extract_request({"body": {"image": base64.b64encode(png).decode()}}, {})
-    assert _pixel(decode_image(request.image_bytes, LIMITS), (3, 2)) == (10, 20, 30)
-
-
-def test_truncated_jpeg():
-    data = (DATA / "chelsea.jpg").read_bytes()
-    with pytest.raises(InvalidInput, match="corrupt or truncated: image file is truncated") as info:
-        decode_image(data[: len(data) // 2], LIMITS)
-    assert (info.value.field, info.value.status) == ("image", 400)
-
-
-def test_corrupted_png_idat():
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    data = bytearray(_encode(Image.fromarray(noise)))
-    start = data.index(b"IDAT") + 4
-    for offset in range(100, 116):
-        data[start + offset] ^= 0xFF
-    with pytest.raises(InvalidInput, match="corrupt or truncated: .*data stream") as info:
-        decode_image(bytes(data), LIMITS)
-    assert (info.value.field, info.value.status) == ("image", 400)
-
-
-@pytest.fixture
-def no_pixel_load(monkeypatch):
-    def refuse(self):
-        raise AssertionError("pixels were decoded")
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
-
-
-def test_decompression_bomb_png(no_pixel_load):
-    data = _encode(Image.new("1", (12000, 12000)), optimize=True)  # 144 megapixels
-    assert len(data) < 32 * 1024
-    with pytest.raises(PayloadTooLarge) as info:
-        decode_image(data, LIMITS)
-    assert (info.value.field, info.value.status) == ("image", 413)
-    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's global guard was left alone
-
-
-def test_pixel_limit_checked_from_header(no_pixel_load):
-    data = _encode(Image.new("1", (8000, 8000)), optimize=True)  # under Pillow's own guard
-    with pytest.raises(PayloadTooLarge, match="8000x8000 = 64000000 pixels.*40000000") as info:
-        decode_image(data, LIMITS)
-    assert info.value.status == 413
-
-
-def test_pixel_limit_is_configurable(png):
-    with pytest.raises(PayloadTooLarge, match="8x6 = 48 pixels, over the limit of 47"):
-        decode_image(png, CodecLimits(max_pixels=47))
-    assert decode_image(png, CodecLimits(max_pixels=48)).size == (8, 6)
-
-
-def test_over_max_image_bytes(png):
-    limit = len(png) - 1
-    with pytest.raises(
-        PayloadTooLarge, match=f"{len(png)} bytes, over the limit of {limit}"
-    ) as info:
-        decode_image(png, CodecLimits(max_image_bytes=limit))
-    assert (info.value.field, info.value.status) == ("image", 413)
-    assert decode_image(png, CodecLimits(max_image_bytes=len(png))).size == (8, 6)
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"this is not an image" * 5,
-        _encode(Image.new("RGB", (4, 4)), "PPM"),  # Pillow reads it, but it is not accepted
-    ],
-)
-def test_unknown_format(data):
-    with pytest.raises(UnsupportedMedia, match="not a supported image format") as info:
-        decode_image(data, LIMITS)
-    assert (info.value.field, info.value.status) == ("image", 415)
-
-
-def test_empty_image_bytes():
-    with pytest.raises(InvalidInput, match="empty"):
-        decode_image(b"", LIMITS)
-
-
-@pytest.mark.parametrize("size", [(1, 1), (1, 5000), (5000, 1)])
-def test_thin_images(size):
-    image = decode_image(_encode(Image.new("RGB", size, (1, 2, 3))), LIMITS)
-    assert (image.mode, image.size) == ("RGB", size)
-    assert _pixel(image, (size[0] - 1, size[1] - 1)) == (1, 2, 3)
-
-
-@pytest.mark.parametrize("mode", ["L", "1"])
-def test_grayscale(mode):
-    image = decode_image(_encode(Image.new(mode, (3, 3), 77 if mode == "L" else 1)), LIMITS)
-    expected = 77 if mode == "L" else 255
-    assert _pixel(image, (1, 1)) == (expected,) * 3
-
-
-def test_rgba_transparency_on_white():
-    pixels = np.zeros((2, 3, 4), dtype=np.uint8)
-    pixels[0, 0] = (255, 0, 0, 255)  # opaque red
-    pixels[0, 1] = (255, 0, 0, 0)  # fully transparent red
-    pixels[0, 2] = (0, 0, 0, 128)  # half-transparent black
-    image = decode_image(_encode(Image.fromarray(pixels, "RGBA")), LIMITS)
-    assert image.mode == "RGB"
-    assert _pixel(image, (0, 0)) == (255, 0, 0)
-    assert _pixel(image, (1, 0)) == (255, 255, 255)
-    assert _pixel(image, (2, 0)) == (127, 127, 127)
-
-
-def test_gray_alpha_on_white():
-    image = decode_image(_encode(Image.new("LA", (2, 2), (0, 0))), LIMITS)
-    assert _pixel(image, (0, 0)) == (255, 255, 255)
-
-
-def _palette_image() -> Image.Image:
-    image = Image.new("P", (2, 1))
-    image.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
-    image.putpixel((0, 0), 0)
-    image.putpixel((1, 0), 1)
-    return image
-
-
-def test_palette():
-    image = decode_image(_encode(_palette_image()), LIMITS)
-    assert (_pixel(image, (0, 0)), _pixel(image, (1, 0))) == ((0, 0, 255), (0, 255, 0))
-
-
-@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
-def test_palette_with_transparency(fmt):
-    data = _encode(_palette_image(), fmt, transparency=0)
-    image = decode_image(data, LIMITS)
-    assert (_pixel(image, (0, 0)), _pixel(image, (1, 0))) == ((255, 255, 255), (0, 255, 0))
-
-
-def test_cmyk_jpeg():
-    data = _encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
-    with Image.open(io.BytesIO(data)) as check:
-        assert check.mode == "CMYK"
-    red, green, blue = _pixel(decode_image(data, LIMITS), (8, 8))
-    assert red >= 250 and green <= 5 and blue <= 5
-
-
-def test_16bit_grayscale_png():
-    values = np.array([[0, 255, 32768, 65535]], dtype=np.uint16)
-    data = _encode(Image.fromarray(values))
-    with Image.open(io.BytesIO(data)) as check:
-        assert check.mode == "I;16"
-    image = decode_image(data, LIMITS)
-    assert [_pixel(image, (x, 0)) for x in range(4)] == [(0,) * 3, (1,) * 3, (128,) * 3, (255,) * 3]
-
-
-def test_32bit_integer_tiff_uses_16bit_scale():
-    values = np.array([[-5, 32768, 65535, 70000]], dtype=np.int32)
-    data = _encode(Image.fromarray(values, "I"), "TIFF")
-    image = decode_image(data, LIMITS)
-    assert [_pixel(image, (x, 0))[0] for x in range(4)] == [0, 128, 255, 255]
-
-
-def test_float_tiff_in_unit_range():
-    values = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
-    image = decode_image(_encode(Image.fromarray(values, "F"), "TIFF"), LIMITS)
-    assert [_pixel(image, (x, 0))[0] for x in range(3)] == [0, 128, 255]
-
-
-def test_animated_gif_first_frame():
-    frames = [Image.new("RGB", (4, 4), colour) for colour in ((255, 0, 0), (0, 0, 255))]
-    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
-    with Image.open(io.BytesIO(data)) as check:
-        assert check.n_frames == 2
-    assert _pixel(decode_image(data, LIMITS), (2, 2)) == (255, 0, 0)
-
-
-def test_animated_webp_first_frame():
-    frames = [Image.new("RGB", (8, 8), colour) for colour in ((0, 255, 0), (255, 0, 0))]
-    data = _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
-    assert _pixel(decode_image(data, LIMITS), (4, 4)) == (0, 255, 0)
-
-
-def test_exif_rotated_jpeg():
-    stored = Image.new("RGB", (40, 20), (0, 0, 0))
-    stored.paste((255, 255, 255), (0, 0, 8, 8))  # marker at the stored top-left
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    data = _encode(stored, "JPEG", exif=exif.tobytes(), quality=95)
-    image = decode_image(data, LIMITS)
-    assert image.size == (20, 40)
-    assert min(_pixel(image, (16, 3))) >= 240  # the marker is shown at the top-right
-    assert max(_pixel(image, (3, 3))) <= 15
-    assert max(_pixel(image, (16, 36))) <= 15
-
-
-def test_zero_size_header_is_rejected():
-    ihdr = struct.pack(">IIBBBBB", 0, 5, 8, 2, 0, 0, 0)
-    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + b"\0\0\0\0"
-    with pytest.raises((InvalidInput, UnsupportedMedia)) as info:
-        decode_image(b"\x89PNG\r\n\x1a\n" + chunk, LIMITS)
-    assert info.value.field == "image"
 
 
 # --- LabelIndex ------------------------------------------------------------------------------

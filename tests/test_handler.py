@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from ts.context import Context, RequestProcessor
 
 from handler.cam import compute_cams, normalize_maps
-from handler.render import image_pixels
+from handler.codec import CodecLimits
+from handler.images import decode_pixels, open_image
 from handler.service import GradCamHandler
 
 LABELS = ["circle", "square", "triangle"]
@@ -95,8 +96,9 @@ def test_a_batch_answers_predictions_and_maps_equal_to_the_reference(served):
         assert [p["label"] for p in body["predictions"]] == [LABELS[p["class_id"]] for p in body["predictions"]]
         assert sorted(p["class_id"] for p in body["predictions"]) == [0, 1, 2]
         assert body["grid_size"] == [8, 8]
-        # The same pixels through the reference path: resize, normalise, compute_cams.
-        pixels = image_pixels(Image.open(io.BytesIO(image)).convert("RGB"), (64, 64), Image.Resampling.BICUBIC)
+        # The same pixels through the reference path: decode at the scale needed (chelsea.jpg at
+        # 1/4, see test_images.py for its parity with a full decode), resize, normalise, compute_cams.
+        pixels = decode_pixels(open_image(image, CodecLimits()), (64, 64)).resized((64, 64), Image.Resampling.BICUBIC)
         x = (torch.tensor(pixels).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
         probs = model(x).softmax(1)[0]
         assert body["predictions"][0]["class_id"] == int(probs.argmax())
@@ -276,3 +278,141 @@ def test_malloc_tuning_keeps_freed_batch_memory(thresholds, kept):
     assert ok == "True" and int(held) >= 60
     # Tuned, the freed 64 MiB stays in the heap for the next batch; untuned, it is unmapped.
     assert (int(after) >= 60) if kept else (int(after) <= 8), done.stdout
+
+
+# --- decoding: scale, threads, the device routes (run on the CPU here) ------------------------
+
+
+def _jpeg(image: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=92, **save)
+    return buf.getvalue()
+
+
+def _camera(size=(2016, 1008)) -> Image.Image:
+    from camera_photos import camera_pixels
+
+    return camera_pixels(Image.open(DATA / "chelsea.jpg"), size)
+
+
+def _cpu_codecs():
+    """torchvision's CPU JPEG decoder and encoder standing in for nvJPEG's."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    def decode(tensors):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(list(tensors), mode=ImageReadMode.RGB)
+
+    def encode(images, quality):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return encode_jpeg(list(images), quality=quality)
+
+    return decode, encode
+
+
+def _same_answers(got: list[dict], want: list[dict], atol: float = 0.02) -> None:
+    for g, w in zip(got, want):
+        assert ("error" in g) == ("error" in w)
+        if "error" in w:
+            assert (g["error"], g["field"]) == (w["error"], w["field"])
+            continue
+        assert g["image_size"] == w["image_size"] and g["frame_size"] == w["frame_size"]
+        assert g["predictions"][0]["class_id"] == w["predictions"][0]["class_id"]
+        np.testing.assert_allclose([p["probability"] for p in g["predictions"]],
+                                   [p["probability"] for p in w["predictions"]], atol=atol)
+        np.testing.assert_allclose(g["cams"][0]["map"], w["cams"][0]["map"], atol=0.1)
+
+
+def test_a_camera_photo_is_answered_in_its_own_frame(served):
+    """Decoded at 1/8 scale, a 12 MP photo still reports its full displayed size and frames."""
+    service, context = served
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    camera = _camera((4032, 2016))
+    items = [{"image": _jpeg(camera), "outputs": "map,heatmap,overlay"},
+             {"image": _jpeg(camera.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes()),
+              "outputs": "map,overlay"}]
+    statuses, bodies = _batch(service, context, items)
+    assert statuses == [200, 200]
+    for body in bodies:
+        assert body["image_size"] == [4032, 2016] and body["frame_size"] == [512, 256]
+        overlay = Image.open(io.BytesIO(base64.b64decode(body["cams"][0]["overlay"])))
+        assert overlay.size == (512, 256)
+    heat = Image.open(io.BytesIO(base64.b64decode(bodies[0]["cams"][0]["heatmap"])))
+    assert heat.size == (512, 256)
+    assert bodies[0]["predictions"][0]["class_id"] == bodies[1]["predictions"][0]["class_id"]
+    np.testing.assert_allclose(bodies[0]["cams"][0]["map"], bodies[1]["cams"][0]["map"], atol=0.05)
+
+
+@pytest.mark.parametrize("threads", [0, 4])
+def test_decode_threads_do_not_change_the_answers(model_dir, served, threads):
+    service, context = served
+    other, other_context = _handler(model_dir, decode_threads=threads)
+    assert (other.decoder._pool is None) == (threads == 0)
+    items = [{"body": _jpeg(_camera())}, {"body": photo("coffee.jpg")}, {"body": photo("chelsea.jpg")[:9000]},
+             {"body": _png((300, 200))}]
+    want_status, want = _batch(service, context, items)
+    got_status, got = _batch(other, other_context, items)
+    assert got_status == want_status == [200, 200, 400, 200]
+    assert got == want
+
+
+def test_the_device_routes_answer_as_the_cpu_does(model_dir, served):
+    """The nvJPEG decode and encode paths with the CPU codecs in nvJPEG's place: the same answers
+    as the CPU route; a JPEG the device decoder fails goes the CPU route and fails alone."""
+    from handler.image_tensors import DeviceJpegRoute
+    from handler.images import ImageDecoder
+    from handler.render import DeviceJpegEncoder
+
+    service, context = served
+    decode, encode = _cpu_codecs()
+    device, device_context = _handler(model_dir)
+    device.decoder = ImageDecoder(2, DeviceJpegRoute("cpu", decode=decode))
+    device.encoder = DeviceJpegEncoder("cpu", encode=encode)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    chelsea = Image.open(DATA / "chelsea.jpg")
+    garbled = bytearray(photo("chelsea.jpg"))
+    scan = garbled.index(b"\xff\xda")
+    garbled[scan + 200 : scan + 260] = b"\xff" * 60
+    items = [{"image": _jpeg(_camera()), "outputs": "map,overlay"},
+             {"image": _jpeg(chelsea.transpose(Image.Transpose.ROTATE_270), exif=exif.tobytes()),
+              "outputs": "map,heatmap,overlay", "cam_classes": "top2"},
+             {"body": bytes(garbled)},
+             {"image": _jpeg(chelsea.convert("CMYK")), "outputs": "map,overlay"},
+             {"body": _jpeg(chelsea, progressive=True)},
+             {"image": _png((90, 40)), "outputs": "map,overlay"},
+             {"body": photo("chelsea.jpg")[:20000]}]  # truncated: never sent to the device
+    routes = device.decoder.routes([open_image(i.get("image", i.get("body")), CodecLimits()) for i in items])
+    assert routes == ["device", "device", "device", "cpu", "cpu", "cpu", "cpu"]
+    want_status, want = _batch(service, context, items)
+    got_status, got = _batch(device, device_context, items)
+    assert got_status == want_status == [200, 200, 400, 200, 200, 200, 400]
+    assert "truncated" in got[6]["message"]
+    assert got[2]["field"] == "image" and "corrupt" in got[2]["message"]
+    _same_answers(got, want)
+    for g, w in zip(got, want):
+        for gc, wc in zip(g.get("cams", []), w.get("cams", [])):
+            if "overlay" in wc:
+                a = np.asarray(Image.open(io.BytesIO(base64.b64decode(gc["overlay"]))), dtype=int)
+                b = np.asarray(Image.open(io.BytesIO(base64.b64decode(wc["overlay"]))), dtype=int)
+                assert a.shape == b.shape == (g["frame_size"][1], g["frame_size"][0], 3)
+                assert np.abs(a - b).mean() < 6
+
+
+def test_codec_devices_need_a_cuda_worker(model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this worker has a GPU")
+    service, _ = _handler(model_dir)  # auto on a CPU worker: Pillow, and overlays encoded by Pillow
+    assert service.decoder.device_route is None and service.encoder is None
+    for key in ("decode_device", "encode_device"):
+        with pytest.raises(ValueError, match=f"'{key}' is 'cuda' but this worker runs on cpu"):
+            _handler(model_dir, **{key: "cuda"})
+    with pytest.raises(ValueError, match="'decode_device' must be one of auto, cpu, cuda"):
+        _handler(model_dir, decode_device="gpu")
+    with pytest.raises(ValueError, match="'decode_threads' must be an integer in 0..64"):
+        _handler(model_dir, decode_threads=-1)
