@@ -148,6 +148,9 @@ class GradCamHandler:
             precision=config.precision if self.device.type == "cuda" else "fp32",
             channels_last=config.channels_last,
             batched_targets=config.batched_targets,
+            layout=config.layout,
+            prefix_tokens=config.prefix_tokens,
+            grid=config.grid,
         )
         self.limits = CodecLimits(
             max_image_bytes=config.max_image_bytes,
@@ -167,9 +170,9 @@ class GradCamHandler:
         self.metrics = _Metrics(metrics, self.model_name) if metrics is not None else None
         self.initialized = True
         logger.info(
-            "loaded %s (%s) on %s, target layer %s, input %s, %s",
+            "loaded %s (%s) on %s, target layer %s (%s), input %s, %s",
             self.model_name, config.model, self.device, self.engine.target_layer,
-            config.input_size, config.precision,
+            self.engine.layout.describe(), config.input_size, config.precision,
         )
 
     # ------------------------------------------------------------------ requests
@@ -387,6 +390,7 @@ class GradCamHandler:
         return {
             "model": self.model_name,
             "target_layer": self.engine.target_layer,
+            "layout": self.engine.layout.kind,
             "image_size": [job.image.width, job.image.height],
             "input_size": list(reversed(self.config.input_size)),
             "resize": self.config.resize,
