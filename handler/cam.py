@@ -5,12 +5,15 @@ one ``torch.autograd.grad`` per batch (per round of targets), the CAM methods co
 same activations and gradients, and the post-processing (normalisation, upsampling into each
 image's frame, colour map, blending) done on the model's device.
 
+The target layer's output may be NCHW, NHWC or tokens (:mod:`handler.layouts`, decided once when
+the engine is built): activation and gradient are brought to ``(N, C, h, w)`` by the same views
+before any CAM method, so the maths below knows no layout.
+
 Nothing here imports TorchServe or PIL: the glue decodes requests and encodes responses.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,12 +24,28 @@ from torch import Tensor, nn
 
 from handler.compiled import bucket_for, pad_batch
 
+# The layer picker and the layouts live beside the engine; re-exported for callers of the engine.
+from handler.layouts import (
+    Layout,
+    LayoutSpec,
+    ModelHints,
+    auto_target,
+    find_target_layer,
+    frozen,
+    infer_layout,
+    layer_layout,
+    list_layers,
+    resolve_layer,
+)
+
 __all__ = [
     "METHODS",
     "CamEngine",
     "CamPass",
     "Frames",
     "frozen",
+    "Layout",
+    "LayoutSpec",
     "list_layers",
     "find_target_layer",
     "resolve_layer",
@@ -47,99 +66,7 @@ _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _EPS = 1e-7
 
 
-# --------------------------------------------------------------------------- target layers
-
-
-def _named_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[int, ...], int]]:
-    """Run one dry forward and record (name, output shape, calls) for every named module.
-
-    Modules appear in the order their forward finished, so a container follows its children.
-    """
-    seen: dict[str, list] = {}
-    handles = []
-
-    def _recorder(name: str):
-        def _hook(_module, _inputs, output):
-            if name in seen:
-                seen[name][2] += 1
-            elif isinstance(output, Tensor):
-                seen[name] = [name, tuple(output.shape), 1]
-
-        return _hook
-
-    try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(_recorder(name)))
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [(n, s, c) for n, s, c in seen.values()]
-
-
-def list_layers(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[int, ...]]]:
-    """Candidate target layers: modules that output a 4-D spatial map, in execution order.
-
-    Args:
-        model: the classifier, in eval mode.
-        example: one input batch of the size the model is served at.
-
-    Returns:
-        ``(dotted name, output shape)`` pairs for modules run once per forward whose output is
-        ``(N, C, H, W)`` with ``H * W > 1``; the last one is the automatic choice.
-    """
-    return [
-        (name, shape)
-        for name, shape, calls in _named_outputs(model, example)
-        if calls == 1 and len(shape) == 4 and shape[2] * shape[3] > 1
-    ]
-
-
-def find_target_layer(model: nn.Module, example: Tensor) -> str:
-    """The last module whose output is a spatial map before global pooling (one dry forward).
-
-    Raises:
-        ValueError: if no module outputs a 4-D map larger than 1x1 at this input size.
-    """
-    candidates = list_layers(model, example)
-    if not candidates:
-        raise ValueError(
-            f"no module outputs a 4-D spatial map for input {tuple(example.shape)}: "
-            "pass the target layer by name"
-        )
-    return candidates[-1][0]
-
-
-def resolve_layer(model: nn.Module, name: str) -> nn.Module:
-    """The module at a dotted name, or an error that lists the closest names.
-
-    Raises:
-        ValueError: if ``name`` names no module of ``model``.
-    """
-    modules = dict(model.named_modules())
-    if name and name in modules:
-        return modules[name]
-    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.4)
-    hint = f"; closest: {', '.join(close)}" if close else ""
-    raise ValueError(f"target layer '{name}' is not a module of {type(model).__name__}{hint}")
-
-
 # --------------------------------------------------------------------------- the pass
-
-
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Parameters stop requiring grad inside the block; their flags are restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @contextmanager
@@ -185,7 +112,8 @@ class CamPass:
             batched: one vmapped gradient pass for all rounds instead of one pass per round.
 
         Returns:
-            ``(rounds, N, C, H, W)`` gradients; rows without a target in a round are zero.
+            ``(rounds, *activation shape)`` gradients, in the layer's own layout; rows without a
+            target in a round are zero.
         """
         rounds = len(rows)
         if rounds == 0:
@@ -236,13 +164,14 @@ def cam_weights(method: str, activation: Tensor, grad: Tensor) -> Tensor:
     - LayerCAM (Jiang et al., 2021): ``L = relu(sum_k relu(g) * A_k)``.
     - HiResCAM (Draelos & Carin, 2020): ``L = relu(sum_k g * A_k)``.
 
-    The maths runs in fp32 whatever the activation's dtype.
+    The maths runs in fp32 for fp32, bf16 and fp16 activations (in fp64 for fp64 ones).
 
     Raises:
         ValueError: for an unknown method.
     """
-    a = activation.float()
-    g = grad.float()
+    dtype = torch.promote_types(activation.dtype, torch.float32)
+    a = activation.to(dtype)
+    g = grad.to(dtype)
     if method == "gradcam":
         cam = torch.einsum("pc,pchw->phw", g.mean(dim=(2, 3)), a)
     elif method == "hirescam":
@@ -269,14 +198,20 @@ def compute_cams(
     x: Tensor,
     targets: Sequence[int] | Tensor,
     method: str = "gradcam",
+    layout: Layout | LayoutSpec | None = None,
 ) -> Tensor:
-    """Raw maps ``(N, H, W)`` of one class per image for a caller's own model.
+    """Raw maps ``(N, h, w)`` of one class per image for a caller's own model.
 
     The model's ``requires_grad`` flags are restored afterwards, hooks are removed and no
     parameter's ``.grad`` is touched.
 
+    Args:
+        layout: the target layer's layout; a :class:`LayoutSpec` or None detects it from the
+            model and the activation's shape.
+
     Raises:
-        ValueError: if ``targets`` does not hold one class per image.
+        ValueError: if ``targets`` does not hold one class per image, or the layout cannot be
+            told.
     """
     targets = torch.as_tensor(targets, device=x.device).reshape(-1)
     if targets.numel() != x.shape[0]:
@@ -286,7 +221,11 @@ def compute_cams(
         cam_pass = _forward(model, layer, x, None)
         rows = torch.arange(x.shape[0], device=x.device)
         grads = cam_pass.gradients([rows], [targets], batched=False)
-    return cam_weights(method, cam_pass.activation.detach(), grads[0])
+    if not isinstance(layout, Layout):
+        spec = layout or LayoutSpec()
+        hints = ModelHints.from_model(model, tuple(x.shape[2:]), spec)
+        layout = infer_layout(tuple(cam_pass.activation.shape), hints, spec)
+    return cam_weights(method, layout.to_nchw(cam_pass.activation.detach()), layout.to_nchw(grads[0]))
 
 
 # --------------------------------------------------------------------------- post-processing
@@ -387,9 +326,13 @@ class CamEngine:
         channels_last: use the channels-last memory format.
         batched_targets: one vmapped gradient pass for several classes per image instead of
             one pass per round of classes.
+        layout: the target layer's output layout, ``auto``, ``nchw``, ``nhwc`` or ``nlc``.
+        prefix_tokens: ``nlc``: tokens before the patch tokens (None: from the model).
+        grid: ``(h, w)`` of the map (None: from the model and the output's shape).
 
     Raises:
-        ValueError: for an unknown precision or target layer.
+        ValueError: for an unknown precision, target layer or layout, or a layer whose output
+            is no map in the layout asked for.
     """
 
     def __init__(
@@ -404,6 +347,9 @@ class CamEngine:
         precision: str = "fp32",
         channels_last: bool = False,
         batched_targets: bool = True,
+        layout: str = "auto",
+        prefix_tokens: int | None = None,
+        grid: Sequence[int] | None = None,
     ) -> None:
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, not '{precision}'")
@@ -423,15 +369,21 @@ class CamEngine:
             p.requires_grad_(False)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255)
+        # The layout is decided here, once: per batch only views run.
+        spec = LayoutSpec(layout, prefix_tokens, tuple(grid) if grid is not None else None)
         if target_layer == "auto":
-            target_layer = find_target_layer(self.model, self.example())
+            target_layer, self.layout = auto_target(self.model, self.input_size, spec)
+        else:
+            self.layout = layer_layout(self.model, target_layer, self.example(), spec)
         self.target_layer = target_layer
         self.layer = resolve_layer(self.model, target_layer)
         self.lut = jet_lut(self.device)
 
     def example(self, batch: int = 1) -> Tensor:
-        """A zero input batch at the served size (for dry runs)."""
-        x = torch.zeros((batch, 3, *self.input_size), device=self.device)
+        """A zero input batch at the served size (for dry runs), in the model's dtype."""
+        param = next(self.model.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        x = torch.zeros((batch, 3, *self.input_size), device=self.device, dtype=dtype)
         return x.contiguous(memory_format=self.memory_format)
 
     def prepare(self, pixels: Tensor) -> Tensor:
@@ -481,7 +433,8 @@ class CamEngine:
         count = len(host_rows)
         if classes.numel() != count or len(methods) != count:
             raise ValueError("rows, classes and methods must hold one entry per target")
-        activation = cam_pass.activation.detach()
+        layout = self.layout
+        activation = layout.to_nchw(cam_pass.activation.detach())
         if count == 0:
             return activation.new_zeros((0, *activation.shape[2:]), dtype=torch.float32)
         device = activation.device
@@ -491,7 +444,7 @@ class CamEngine:
             rounds.append(seen.get(row, 0))
             seen[row] = rounds[-1] + 1
         if max(rounds) == 0:
-            grads = cam_pass.gradients([rows], [classes], self.batched_targets)[0]
+            grads = layout.to_nchw(cam_pass.gradients([rows], [classes], self.batched_targets)[0])
             if host_rows == list(range(activation.shape[0])):
                 g, a = grads, activation  # one target per image, in order: no gathers
             else:
@@ -499,13 +452,14 @@ class CamEngine:
         else:
             picks = [device_index([p for p, r in enumerate(rounds) if r == k], device)
                      for k in range(max(rounds) + 1)]
-            grads = cam_pass.gradients([rows[i] for i in picks], [classes[i] for i in picks],
-                                       self.batched_targets)
+            grads = layout.to_nchw(cam_pass.gradients([rows[i] for i in picks], [classes[i] for i in picks],
+                                                      self.batched_targets))
             g, a = grads[device_index(rounds, device), rows], activation[rows]
         kinds = sorted(set(methods))
         if len(kinds) == 1:
             return cam_weights(kinds[0], a, g)
-        out = torch.empty((count, *a.shape[2:]), device=a.device, dtype=torch.float32)
+        out = torch.empty((count, *a.shape[2:]), device=a.device,
+                          dtype=torch.promote_types(a.dtype, torch.float32))
         for method in kinds:
             pick = device_index([p for p, m in enumerate(methods) if m == method], device)
             out[pick] = cam_weights(method, a[pick], g[pick])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 __all__ = ["ServeConfig", "RESIZE_MODES", "PRECISIONS", "INTERPOLATIONS", "SWITCHES", "COMPILE_BATCH_MODES",
-           "CODEC_DEVICES"]
+           "CODEC_DEVICES", "LAYOUTS"]
 
 RESIZE_MODES = ("squash", "letterbox")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -17,6 +17,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 SWITCHES = ("auto", "on", "off")
 COMPILE_BATCH_MODES = ("buckets", "dynamic")
 CODEC_DEVICES = ("auto", "cpu", "cuda")
+LAYOUTS = ("auto", "nchw", "nhwc", "nlc")
 
 
 @dataclass
@@ -29,6 +30,11 @@ class ServeConfig:
         model_kwargs: extra constructor arguments.
         labels: labels file inside the archive, or empty for none.
         target_layer: dotted module name (the archiver resolves ``auto``).
+        layout: the target layer's output layout: ``nchw``, ``nhwc``, ``nlc`` (tokens) or
+            ``auto`` (detected when the handler loads; the archiver writes the one it found).
+        prefix_tokens: ``nlc``: tokens before the patch tokens (class, distillation,
+            register tokens), or None to detect.
+        grid: ``[h, w]`` of the map, or None to detect.
         input_size: ``[height, width]`` the model sees.
         resize: ``squash`` (the whole image stretched to the input) or ``letterbox``
             (aspect kept, padded with the mean colour); nothing is ever cropped away.
@@ -79,6 +85,9 @@ class ServeConfig:
     model_kwargs: dict = field(default_factory=dict)
     labels: str = "index_to_name.json"
     target_layer: str = "auto"
+    layout: str = "auto"
+    prefix_tokens: int | None = None
+    grid: list[int] | None = None
     input_size: list[int] = field(default_factory=lambda: [224, 224])
     resize: str = "squash"
     interpolation: str = "bicubic"
@@ -151,6 +160,18 @@ class ServeConfig:
         _check(isinstance(self.labels, str), "labels", "a file name or ''")
         _check(isinstance(self.target_layer, str) and bool(self.target_layer), "target_layer",
                "a module name or 'auto'")
+        _check(self.layout in LAYOUTS, "layout", f"one of {', '.join(LAYOUTS)}")
+        _check(self.prefix_tokens is None or (isinstance(self.prefix_tokens, int)
+                                              and not isinstance(self.prefix_tokens, bool)
+                                              and self.prefix_tokens >= 0),
+               "prefix_tokens", "null or an integer >= 0")
+        _check(not self.prefix_tokens or self.layout in ("auto", "nlc"), "prefix_tokens",
+               "null or 0 unless layout is nlc or auto")
+        grid = self.grid
+        _check(grid is None or (isinstance(grid, (list, tuple)) and len(grid) == 2
+                                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)),
+               "grid", "null or [h, w]")
+        self.grid = None if grid is None else [int(v) for v in grid]
         size = self.input_size
         _check(isinstance(size, (list, tuple)) and len(size) == 2
                and all(isinstance(v, int) and v > 0 for v in size), "input_size", "[height, width]")

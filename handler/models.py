@@ -105,8 +105,12 @@ def build_model(
     return model.eval()
 
 
-def default_preprocessing(source: str, model: nn.Module) -> dict:
-    """Input size, mean/std and interpolation from the architecture's pretrained config."""
+def default_preprocessing(source: str, model: nn.Module, kwargs: dict | None = None) -> dict:
+    """Input size, mean/std and interpolation from the architecture's pretrained config.
+
+    An ``img_size`` among the constructor's ``kwargs`` is the input size (a ViT built for 160 px
+    only takes 160 px, whatever its pretrained config says).
+    """
     kind, name = _split_source(source)
     cfg = {"input_size": [224, 224], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
            "interpolation": "bilinear"}
@@ -126,6 +130,11 @@ def default_preprocessing(source: str, model: nn.Module) -> dict:
         size = transforms.crop_size[0]
         cfg.update(input_size=[size, size], mean=list(transforms.mean), std=list(transforms.std),
                    interpolation=transforms.interpolation.value)
+    img_size = (kwargs or {}).get("img_size", (kwargs or {}).get("image_size"))
+    if isinstance(img_size, int) and not isinstance(img_size, bool):
+        cfg["input_size"] = [img_size, img_size]
+    elif isinstance(img_size, (list, tuple)) and len(img_size) == 2:
+        cfg["input_size"] = [int(v) for v in img_size]
     return cfg
 
 

@@ -125,6 +125,9 @@ class GradCamHandler:
             precision=config.precision if self.device.type == "cuda" else "fp32",
             channels_last=config.channels_last == "on",
             batched_targets=config.batched_targets,
+            layout=config.layout,
+            prefix_tokens=config.prefix_tokens,
+            grid=config.grid,
         )
         for key in ("channels_last", "compile"):
             if getattr(config, key) == "auto":
@@ -150,9 +153,9 @@ class GradCamHandler:
         self.metrics = HandlerMetrics(metrics, self.model_name) if metrics is not None else None
         self.initialized = True
         logger.info(
-            "loaded %s (%s) on %s, target layer %s, input %s, %s",
+            "loaded %s (%s) on %s, target layer %s (%s), input %s, %s",
             self.model_name, config.model, self.device, self.engine.target_layer,
-            config.input_size, config.precision,
+            self.engine.layout.describe(), config.input_size, config.precision,
         )
 
     def _compile(self, batch_size: int, warm: Image.Image) -> CompiledPass | None:
@@ -415,6 +418,7 @@ class GradCamHandler:
         return {
             "model": self.model_name,
             "target_layer": self.engine.target_layer,
+            "layout": self.engine.layout.kind,
             "image_size": list(job.photo.size),
             "input_size": list(reversed(self.config.input_size)),
             "resize": self.config.resize,

@@ -42,8 +42,12 @@ examples:
   python scripts/archive.py --model path/to/model.py:SmallNet --num-classes 3 \\
       --weights smallnet.safetensors --labels labels.json --name smallnet
 
-  # which layers can be the target, with their output shapes
-  python scripts/archive.py --model timm:resnet50 --list-layers
+  # which layers can be the target: output shape, layout, grid, gradient, the automatic choice
+  python scripts/archive.py --model timm:vit_small_patch16_224 --list-layers
+
+  # a token model whose layout cannot be told from it: pin the layout (see README, Model families)
+  python scripts/archive.py --model path/to/model.py:MyViT --num-classes 5 --weights myvit.pt \
+      --target-layer blocks.5.norm1 --layout nlc --prefix-tokens 1 --grid 14 14 --name myvit
 """
 
 
@@ -127,17 +131,40 @@ def resolve_labels(spec: str, num_classes: int) -> list[str] | None:
     return labels
 
 
-def dry_run(model, config) -> tuple[str, tuple[int, int]]:
-    """Resolve the target layer and push one batch of two images through the Grad-CAM pass."""
+def _usable_layers(model, config, exclude: str) -> str:
+    """The last few layers whose maps depend on the class, for an error message."""
+    from handler.layouts import LayoutSpec, ModelHints, pick_layer, probe_layers
+
+    try:
+        spec = LayoutSpec(config.layout, config.prefix_tokens, tuple(config.grid) if config.grid else None)
+        infos = probe_layers(model, tuple(config.input_size), spec)
+        auto = pick_layer(infos, ModelHints.from_model(model, tuple(config.input_size), spec)).name
+    except ValueError:
+        return "see --list-layers"
+    usable = [i for i in infos if i.usable and i.name != exclude][-4:][::-1]
+    names = ", ".join(f"{i.name} ({i.layout.describe()})" for i in usable)
+    return f"layers whose maps depend on the class: {names}; the automatic choice is {auto} (see --list-layers)"
+
+
+def dry_run(model, config):
+    """Resolve the target layer and its layout, push one batch of two images through the
+    Grad-CAM pass, and refuse a layer whose map is degenerate.
+
+    Returns:
+        The target layer's name and its :class:`~handler.layouts.Layout`.
+    """
     import torch
 
     from handler.cam import CamEngine
+    from handler.layouts import flat_maps
 
     try:
         engine = CamEngine(model, config.target_layer, mean=config.mean, std=config.std,
-                           input_size=tuple(config.input_size))
+                           input_size=tuple(config.input_size), layout=config.layout,
+                           prefix_tokens=config.prefix_tokens, grid=config.grid)
     except ValueError as exc:
         raise ArchiveError(str(exc)) from exc
+    name, layout = engine.target_layer, engine.layout
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (2, *config.input_size, 3), dtype=torch.uint8, generator=gen)
     try:
@@ -147,20 +174,49 @@ def dry_run(model, config) -> tuple[str, tuple[int, int]]:
     logits = cam_pass.logits
     if logits.shape != (2, config.num_classes):
         raise ArchiveError(f"model returns {tuple(logits.shape)} for 2 images, expected (2, {config.num_classes})")
-    act = cam_pass.activation
-    if act.dim() != 4 or act.shape[2] * act.shape[3] < 1:
-        raise ArchiveError(f"target layer '{engine.target_layer}' outputs {tuple(act.shape)}, not (N, C, H, W)")
     rows = torch.arange(2)
     try:
         grads = cam_pass.gradients([rows], [logits.argmax(dim=1)], batched=False)
     except RuntimeError as exc:
-        raise ArchiveError(f"target layer '{engine.target_layer}': {exc}") from exc
-    if not torch.any(grads != 0):
+        raise ArchiveError(f"target layer '{name}': {exc}") from exc
+    activation, grad = layout.to_nchw(cam_pass.activation.detach()), layout.to_nchw(grads[0])
+    if not torch.any(grad != 0):
+        where = " at its patch tokens" if layout.kind == "nlc" and layout.prefix else ""
         raise ArchiveError(
-            f"the class score's gradient at '{engine.target_layer}' is all zero: pick a layer the "
-            "prediction depends on (see --list-layers)"
+            f"the class score's gradient at '{name}' ({layout.describe()}) is all zero{where}, so its "
+            f"maps would be empty: pick a layer the prediction depends on; {_usable_layers(model, config, name)}"
         )
-    return engine.target_layer, tuple(act.shape[2:])
+    if flat_maps(activation, grad):
+        raise ArchiveError(
+            f"'{name}' ({layout.describe()}) gives a constant Grad-CAM map for two random images, so its "
+            f"maps show nothing; {_usable_layers(model, config, name)}"
+        )
+    return name, layout
+
+
+def print_layers(model, input_size: list[int], spec) -> None:
+    """The candidate target layers with their layout, grid and gradient; the automatic one marked."""
+    from handler.layouts import ModelHints, pick_layer, probe_layers
+
+    infos = [i for i in probe_layers(model, tuple(input_size), spec) if i.candidate]
+    try:
+        auto, problem = pick_layer(infos, ModelHints.from_model(model, tuple(input_size), spec)).name, ""
+    except ValueError as exc:
+        auto, problem = None, str(exc)
+    rows = [("layer", f"output shape at input {input_size[0]}x{input_size[1]}", "layout", "grid", "gradient")]
+    for i in infos:
+        prefix = f" +{i.layout.prefix}" if i.layout.prefix else ""
+        state = "zero" if not i.live else "constant map" if i.flat else "ok"
+        rows.append((i.name, str(i.shape), i.layout.kind + prefix, f"{i.layout.grid[0]}x{i.layout.grid[1]}",
+                     state + ("   <- auto" if i.name == auto else "")))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for r in rows:
+        print("  ".join(f"{v:<{w}}" for v, w in zip(r, widths)) + "  " + r[4])
+    print("\nlayout: nchw (N, C, h, w), nhwc (N, h, w, C), nlc +K tokens (N, K + h*w, C), K prefix tokens dropped;\n"
+          "gradient: zero = the top class's gradient is zero at its map positions (an empty map), constant map =\n"
+          "the same value everywhere for random images; neither can be the target.")
+    if problem:
+        print(f"\nno automatic choice: {problem}")
 
 
 def _time_pass(engine, pixels, classes, reps: int) -> tuple[float, object]:
@@ -347,6 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         CODEC_DEVICES,
         COMPILE_BATCH_MODES,
         INTERPOLATIONS,
+        LAYOUTS,
         PRECISIONS,
         RESIZE_MODES,
         SWITCHES,
@@ -368,9 +425,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--map-by-order", action="store_true",
                      help="rename the file's tensors to the model's by position (shapes still checked)")
     src.add_argument("--target-layer", default="auto",
-                     help="dotted module name, or 'auto' for the last spatial map before pooling")
+                     help="dotted module name, or 'auto': the last map before pooling that the class depends on "
+                          "(for class-token ViTs the last block's norm1)")
     src.add_argument("--list-layers", action="store_true",
-                     help="print candidate target layers with their output shapes, then exit")
+                     help="print candidate target layers with output shape, layout, grid and gradient, then exit")
+    src.add_argument("--layout", choices=LAYOUTS, default="auto",
+                     help="the target layer's output: nchw (CNNs), nhwc (timm Swin, MambaOut), nlc (tokens: ViT, "
+                          "DeiT, EVA...); auto detects it from the model (default: %(default)s)")
+    src.add_argument("--prefix-tokens", type=int, default=None, metavar="K",
+                     help="nlc: class/distillation/register tokens before the patch tokens (default: the model's "
+                          "num_prefix_tokens, 1 for torchvision ViTs, else 0)")
+    src.add_argument("--grid", type=int, nargs=2, default=None, metavar=("H", "W"),
+                     help="the map's grid (default: the patch grid, or the input size over the layer's reduction)")
     src.add_argument("--labels", default=None,
                      help="index_to_name.json, 'imagenet' (installed metadata) or 'none' "
                           "(default: imagenet for 1000 classes, else none)")
@@ -488,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
     logger.info("  %s parameters, built in %.1fs", f"{sum(p.numel() for p in model.parameters()):,}",
                 time.perf_counter() - t)
 
-    prep = default_preprocessing(args.model, model)
+    prep = default_preprocessing(args.model, model, kwargs)
     if args.input_size:
         size = args.input_size * 2 if len(args.input_size) == 1 else args.input_size
         if len(size) != 2:
@@ -499,15 +565,13 @@ def run(args: argparse.Namespace) -> int:
             prep[key] = list(getattr(args, key)) if key != "interpolation" else args.interpolation
 
     if args.list_layers:
-        import torch
+        from handler.layouts import LayoutSpec
 
-        from handler.cam import list_layers
-
-        layers = list_layers(model, torch.zeros(1, 3, *prep["input_size"]))
-        width = max((len(n) for n, _ in layers), default=10)
-        print(f"{'layer':<{width}}  output shape (N, C, H, W) at input {prep['input_size']}")
-        for i, (name, shape) in enumerate(layers):
-            print(f"{name:<{width}}  {shape}{'   <- auto' if i == len(layers) - 1 else ''}")
+        try:
+            spec = LayoutSpec(args.layout, args.prefix_tokens, tuple(args.grid) if args.grid else None)
+            print_layers(model, prep["input_size"], spec)
+        except ValueError as exc:
+            raise ArchiveError(str(exc)) from exc
         return 0
 
     weights = args.weights or (PACKAGE_WEIGHTS if args.model == DEFAULT_MODEL else None)
@@ -531,7 +595,8 @@ def run(args: argparse.Namespace) -> int:
         config = ServeConfig.from_dict({
             "model": source, "num_classes": num_classes, "model_kwargs": kwargs,
             "labels": "index_to_name.json" if labels is not None else "",
-            "target_layer": args.target_layer, "resize": args.resize,
+            "target_layer": args.target_layer, "layout": args.layout, "prefix_tokens": args.prefix_tokens,
+            "grid": args.grid, "resize": args.resize,
             "input_size": [int(v) for v in prep["input_size"]], "interpolation": prep["interpolation"],
             "mean": prep["mean"], "std": prep["std"], "precision": args.precision,
             "channels_last": args.channels_last, "compile": args.compile,
@@ -554,8 +619,11 @@ def run(args: argparse.Namespace) -> int:
     requirements = requirements_txt(args.model, Path(args.requirements) if args.requirements else None)
 
     t = _step("dry batch through the Grad-CAM pass")
-    config.target_layer, grid = dry_run(model, config)
-    logger.info("  target layer %s, map %dx%d, in %.1fs", config.target_layer, *grid, time.perf_counter() - t)
+    config.target_layer, layout = dry_run(model, config)
+    for key, value in layout.to_config().items():
+        setattr(config, key, value)
+    logger.info("  target layer %s, layout %s, in %.1fs", config.target_layer, layout.describe(),
+                time.perf_counter() - t)
 
     if "auto" in (config.compile, config.channels_last):
         import torch

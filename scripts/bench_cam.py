@@ -11,9 +11,14 @@ alike; the table reports the median round.
     plain              inference only, under torch.inference_mode: the reference, ratio 1.0
     engine_fp32        handler.cam.CamEngine (head-only graph, one autograd.grad), fp32
     engine_bf16        the same under bf16 autocast
-    pytorch-grad-cam   GradCAM, targets=None (top-1 from its own forward)
+    pytorch-grad-cam   GradCAM, targets=None (top-1 from its own forward); for token and
+                       channels-last layers with the matching reshape_transform
     captum             LayerGradCam (+ one extra inference forward for the top-5 and targets)
     torchcam           torchcam.methods.GradCAM on its own forward's scores
+
+captum and torchcam read a layer's output as (N, C, H, W) only: their rows are left out for the
+transformer models (ViT tokens, Swin's NHWC maps), where the engine's automatic layer is no
+NCHW map.
 
 The libraries run as they are normally used: parameters require grad (the engine's model is
 frozen; their rows unfreeze it and drop ``.grad`` afterwards), extractors built per call.
@@ -50,7 +55,6 @@ from handler.cam import (  # noqa: E402
     CamEngine,
     Frames,
     device_tensor,
-    find_target_layer,
     normalize_maps,
     to_host,
     to_uint8,
@@ -58,6 +62,7 @@ from handler.cam import (  # noqa: E402
 )
 from handler.config import ServeConfig  # noqa: E402
 from handler.host import tune_malloc  # noqa: E402
+from handler.layouts import auto_target  # noqa: E402
 
 log = logging.getLogger("bench_cam")
 
@@ -183,19 +188,28 @@ class PeakMemory:
 
 
 def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
-              engine_maps: str = "uint8") -> tuple[dict[str, Callable], str]:
-    """One callable per row; each returns ``(top5 probabilities, top5 ids, maps or None)``."""
+              engine_maps: str = "uint8") -> tuple[dict[str, Callable], str, str]:
+    """One callable per row; each returns ``(top5 probabilities, top5 ids, maps or None)``.
+
+    Also returns the target layer and its layout (``nchw``, ``nhwc``, ``nlc``).
+    """
     device = x.device
     n = x.shape[0]
     out_hw = (size, size)
+    # The same target layer for every row: the engine's automatic choice.
+    layer_name, layout = auto_target(model, tuple(x.shape[2:]))
     engines = {}
     for row, precision in (("engine_fp32", "fp32"), ("engine_bf16", "bf16")):
         if row in wanted:
-            engines[row] = CamEngine(model, "auto", device=device, input_size=tuple(x.shape[2:]),
+            engines[row] = CamEngine(model, layer_name, device=device, input_size=tuple(x.shape[2:]),
                                      precision=precision)
-    # The same target layer for every row: the engine's automatic choice.
-    layer_name = find_target_layer(model, x[:1])
     layer = dict(model.named_modules())[layer_name]
+    reshape = None if layout.kind == "nchw" else layout.to_nchw
+    if layout.kind != "nchw":
+        skipped = [row for row in ("captum", "torchcam") if row in wanted]
+        if skipped:
+            log.info("%s layer %s: no %s rows (NCHW layers only)", layout.kind, layer_name, " or ".join(skipped))
+        wanted = [row for row in wanted if row not in skipped]
 
     def plain():
         with torch.inference_mode():
@@ -223,7 +237,7 @@ def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
     def pytorch_grad_cam():
         from pytorch_grad_cam import GradCAM
 
-        with _trainable(model), GradCAM(model=model, target_layers=[layer]) as cam:
+        with _trainable(model), GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
             maps = cam(input_tensor=x, targets=None)  # targets: argmax of its own forward
             top_p, top_i = cam.outputs.detach().float().softmax(dim=1).topk(5, dim=1)
             return top_p.cpu().numpy(), top_i.cpu().numpy(), maps
@@ -254,15 +268,18 @@ def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
 
     table = {"plain": plain, "pytorch-grad-cam": pytorch_grad_cam, "captum": captum, "torchcam": torchcam}
     table.update({row: engine_row(engine) for row, engine in engines.items()})
-    return {row: table[row] for row in wanted}, layer_name
+    return {row: table[row] for row in wanted}, layer_name, layout.kind
 
 
-def _timed(fn: Callable, device: torch.device):
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _timed(fn: Callable, device: torch.device, clock: str = "wall"):
     _sync(device)
-    start = time.perf_counter()
+    start = _CLOCKS[clock]()
     out = fn()
     _sync(device)
-    return time.perf_counter() - start, out
+    return _CLOCKS[clock]() - start, out
 
 
 def _agreement(output: tuple, ref: tuple) -> float | None:
@@ -284,8 +301,8 @@ def bench_model(name: str, args, device: torch.device, memory: PeakMemory) -> li
     model = build_model(name).to(device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     calibrate(model, x)
-    rows, layer_name = make_rows(model, x, args.size, args.rows, args.engine_maps)
-    log.info("%s: target layer %s", name, layer_name)
+    rows, layer_name, layout = make_rows(model, x, args.size, args.rows, args.engine_maps)
+    log.info("%s: target layer %s (%s)", name, layer_name, layout)
 
     # First calls: warm up and keep each row's output to check shapes and agreement.
     outputs = {}
@@ -299,7 +316,7 @@ def bench_model(name: str, args, device: torch.device, memory: PeakMemory) -> li
     for r in range(args.warmup + args.iters):
         shift = r % len(order)
         for row in order[shift:] + order[:shift]:
-            seconds, _ = _timed(rows[row], device)
+            seconds, _ = _timed(rows[row], device, args.clock)
             if r >= args.warmup:
                 times[row].append(seconds)
     # Memory apart from the timing; the smaller of two interleaved passes, as first-time
@@ -319,6 +336,7 @@ def bench_model(name: str, args, device: torch.device, memory: PeakMemory) -> li
             "model": name,
             "row": row,
             "target_layer": layer_name,
+            "layout": layout,
             "images_per_s": args.batch / median,
             "median_s": median,
             "times_s": times[row],
@@ -430,6 +448,18 @@ def target_checks(results: list[dict], device_type: str) -> list[dict]:
                 continue
             checks.append({"model": model, "check": kind, "against": row, "value": round(value, 4),
                            "minimum": minimum, "met": value >= minimum, "text": text})
+    # Token and channels-last models (issue 11): their ratio to plain inference within 10% of
+    # the CNN rows' (their mean) in the same run.
+    cnn = [r["ratio_to_plain"] for r in results
+           if r["row"] == "engine_fp32" and r.get("layout") == "nchw" and r["ratio_to_plain"]]
+    for r in results:
+        if r["row"] == "engine_fp32" and r.get("layout") not in (None, "nchw") and r["ratio_to_plain"] and cnn:
+            reference = statistics.mean(cnn)
+            value = r["ratio_to_plain"] / reference
+            checks.append({"model": r["model"], "check": "layout_ratio", "against": "nchw models",
+                           "value": round(value, 4), "minimum": 0.9, "met": value >= 0.9,
+                           "text": (f"{r['layout']} ratio to plain {r['ratio_to_plain']:.2f}x = {value:.2f} of the CNN "
+                                    f"rows' mean {reference:.2f}x (target >= 0.9)")})
     return checks
 
 
@@ -437,7 +467,8 @@ def print_tables(results: list[dict], multi: list[dict], meta: dict) -> None:
     mem_label = "peak MiB" if meta["device_type"] == "cuda" else "peak RSS +MiB"
     print(f"\n{meta['device_name']} | torch {meta['torch']} | batch {meta['batch']} | "
           f"{meta['size']}x{meta['size']} | {meta['iters']} rounds (median) after {meta['warmup']} warm-up"
-          f" | engine maps {meta['engine_maps']} | malloc {meta['malloc']}")
+          f" | engine maps {meta['engine_maps']} | malloc {meta['malloc']}"
+          + (" | CPU-seconds clock" if meta.get("clock") == "cpu" else ""))
     head = (f"| model | row | images/s | ratio to plain | {mem_label} | top-1 = engine_fp32 "
             "| map corr vs engine_fp32 |")
     print(head)
@@ -469,7 +500,8 @@ def print_tables(results: list[dict], multi: list[dict], meta: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", default="resnet50,mobilenet_v2,tf_efficientnet_lite0",
+    parser.add_argument("--models", default="resnet50,mobilenet_v2,tf_efficientnet_lite0,vit_small_patch16_224,"
+                                            "swin_tiny_patch4_window7_224",
                         help="comma list (torchvision names first, else timm)")
     parser.add_argument("--batch", type=int, default=None, help="images per batch (8 on CPU, 64 on CUDA)")
     parser.add_argument("--size", type=int, default=224, help="input and map side")
@@ -485,6 +517,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multi-iters", type=int, default=None,
                         help="timed rounds of that table (3x --iters: its differences are small)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="what the main table times: wall-clock seconds, or the process's CPU seconds "
+                             "(CPU device only; with --threads 1 the work done, little disturbed by other "
+                             "processes on a shared machine; images/s then means per CPU second)")
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                         help="glibc malloc thresholds: 'tuned' as the served handler sets them "
                              "(handler config malloc_*_threshold_mib), 'default' as glibc ships")
@@ -514,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         tune_malloc(defaults.malloc_mmap_threshold_mib, defaults.malloc_trim_threshold_mib)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if args.device not in ("auto", "cpu"):
+            raise SystemExit("--clock cpu times the CPU device only")
+        args.device = "cpu"
     if args.device == "auto":
         args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -531,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device), "device_type": device.type, "device_name": device_name(device),
         "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
         "iters": args.iters, "multi_iters": args.multi_iters, "warmup": args.warmup,
-        "engine_maps": args.engine_maps, "malloc": args.malloc, "python": platform.python_version(),
+        "engine_maps": args.engine_maps, "malloc": args.malloc, "clock": args.clock,
+        "python": platform.python_version(),
         "map_output": (f"(N, size, size) numpy, min-max normalised: engine rows {args.engine_maps} "
                        "(to_uint8), libraries float32"),
         "memory": ("torch.cuda.max_memory_allocated (absolute)" if on_cuda

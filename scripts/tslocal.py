@@ -222,7 +222,10 @@ class LocalServer:
             return None
         if r.status_code != 200:
             return None
-        workers = r.json()[0].get("workers", [])
+        try:
+            workers = r.json()[0].get("workers", [])
+        except (ValueError, IndexError, AttributeError):  # a management API still starting
+            return None
         return workers[0]["status"] if workers else None
 
     def worker_pids(self, model: str) -> list[int]:

@@ -27,7 +27,7 @@ def test_archived_models_serve_predictions_and_maps(server, model, labels, grid)
     r = server.predict(model, files={"image": ("cat.jpg", photo("chelsea.jpg"))})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == model and body["grid_size"] == grid
+    assert body["model"] == model and body["grid_size"] == grid and body["layout"] == "nchw"
     classes = 1000 if labels is None else len(labels)
     assert len(body["predictions"]) == min(5, classes)
     for p in body["predictions"]:
@@ -75,8 +75,10 @@ def test_list_layers_prints_candidates_with_shapes():
     done = run_archiver("--model", "torchvision:resnet18", "--list-layers")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-1].split() == ["layer4", "(1,", "512,", "7,", "7)", "<-", "auto"]
-    assert any(line.startswith("layer3 ") and "(1, 256, 14, 14)" in line for line in lines)
+    (auto,) = [line for line in lines if line.endswith("<- auto")]
+    assert auto.split() == ["layer4", "(1,", "512,", "7,", "7)", "nchw", "7x7", "ok", "<-", "auto"]
+    assert any(line.split() == ["layer3", "(1,", "256,", "14,", "14)", "nchw", "14x14", "ok"] for line in lines)
+    assert lines.index(auto) > max(i for i, line in enumerate(lines) if line.startswith("layer4.1"))
 
 
 @pytest.fixture(scope="module")
@@ -181,4 +183,4 @@ def test_nested_and_dataparallel_checkpoints_load(tmp_path, weights):
     done = run_archiver("--model", "torchvision:resnet18", "--num-classes", "10", "--weights",
                         str(weights["resnet18"]), "--export-path", str(tmp_path), "--name", "r")
     assert done.returncode == 0, done.stderr
-    assert "target layer layer4, map 7x7" in done.stderr
+    assert "target layer layer4, layout nchw 7x7" in done.stderr

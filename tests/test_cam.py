@@ -355,21 +355,23 @@ def test_list_layers_ends_with_the_automatic_choice():
     model = _build("resnet18")
     example = torch.zeros(1, 3, SIZE, SIZE)
     layers = list_layers(model, example)
-    names = [n for n, _ in layers]
-    shapes = dict(layers)
-    assert layers[-1] == ("layer4", (1, 512, 5, 5))
+    names = [i.name for i in layers]
+    shapes = {i.name: i.shape for i in layers}
+    assert (layers[-1].name, layers[-1].shape) == ("layer4", (1, 512, 5, 5))
     assert find_target_layer(model, example) == "layer4"
     assert shapes["conv1"] == (1, 64, 80, 80) and shapes["layer1"] == (1, 64, 40, 40)
     assert names.index("layer1.0.conv1") < names.index("layer1") < names.index("layer2")
     assert "avgpool" not in shapes and "fc" not in shapes  # 1x1 and 2-D outputs are no maps
-    assert all(len(s) == 4 and s[2] * s[3] > 1 for s in shapes.values())
+    assert "relu" not in shapes  # in place and shared: runs more than once
+    assert all(i.layout.kind == "nchw" and i.layout.grid == i.shape[2:] for i in layers)
+    assert all(i.live and not i.flat for i in layers)
 
 
 def test_layer_used_twice_is_refused():
     torch.manual_seed(0)
     model = _Twice().eval()
     x = torch.randn(1, 3, 8, 8)
-    assert "block" not in dict(list_layers(model, x))
+    assert "block" not in {i.name for i in list_layers(model, x)}
     with pytest.raises(RuntimeError, match="more than once per forward"):
         compute_cams(model, "block", x, [0])
     assert _no_hooks(model)
@@ -378,7 +380,7 @@ def test_layer_used_twice_is_refused():
 
 def test_find_target_layer_without_spatial_maps():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
-    with pytest.raises(ValueError, match="no module outputs a 4-D spatial map"):
+    with pytest.raises(ValueError, match="no layer outputs a map that the class score depends on"):
         find_target_layer(model, torch.zeros(1, 3, 2, 2))
 
 

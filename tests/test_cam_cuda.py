@@ -1,6 +1,6 @@
 """The engine on a CUDA device: the same maps as on the CPU and as captum, one host copy per
-batch and no device wait before it, the precisions and layouts, and device memory at the level
-of plain inference.
+batch and no device wait before it, the precisions and memory formats, every activation layout
+(NCHW, NHWC, tokens) with the five methods, and device memory at the level of plain inference.
 
 Skipped without a GPU (CI has none): scripts/gpu_check.sh runs them on a lent GPU machine.
 """
@@ -11,9 +11,11 @@ import copy
 
 import pytest
 import torch
+from families import BY_KEY
 from test_cam import ARCHS, SIZE, _build, _calibrated, _pearson, _top_targets
 
 from handler.cam import (
+    METHODS,
     CamEngine,
     Frames,
     blend,
@@ -183,3 +185,75 @@ def test_device_memory_of_the_pass_stays_at_plain_inference():
 
 def test_jet_lut_on_the_device_equals_the_host_lut():
     assert torch.equal(jet_lut(CUDA).cpu(), jet_lut())
+
+
+# --------------------------------------------------------------------------- layouts
+
+LAYOUT_FAMILIES = ("vit", "deit", "dinov2_reg", "swin", "convnext", "maxvit", "levit")
+
+
+def _family_case(key: str):
+    family = BY_KEY[key]
+    gen = torch.Generator().manual_seed(1)
+    return family, family.build(), torch.randn((3, 3, *family.size), generator=gen)
+
+
+def _mixed_targets(logits: torch.Tensor):
+    """Every method, two classes for images 0 and 2, one for image 1."""
+    ranked = logits.detach().argsort(dim=1, descending=True).cpu()
+    rows = [0, 0, 1, 2, 2] * len(METHODS)
+    ranks = [0, 1, 0, 0, 1] * len(METHODS)
+    methods = [m for m in METHODS for _ in range(5)]
+    return rows, torch.stack([ranked[r, k] for r, k in zip(rows, ranks)]), methods
+
+
+@pytest.mark.parametrize("key", LAYOUT_FAMILIES)
+def test_cuda_maps_equal_cpu_maps_on_every_layout(key):
+    family, model, x = _family_case(key)
+    cpu = CamEngine(copy.deepcopy(model), "auto", input_size=family.size)
+    assert cpu.target_layer == family.layer and cpu.layout.kind == family.layout
+    cpu_pass = cpu.forward(x)
+    rows, classes, methods = _mixed_targets(cpu_pass.logits)
+    want = cpu.cams(cpu_pass, rows, classes, methods)
+    gpu = CamEngine(copy.deepcopy(model), "auto", device=CUDA, input_size=family.size)
+    assert (gpu.target_layer, gpu.layout) == (cpu.target_layer, cpu.layout)
+    got = gpu.cams(gpu.forward(x.to(CUDA)), rows, classes.to(CUDA), methods)
+    assert got.shape == (len(rows), *family.grid)
+    for p in range(len(rows)):
+        if methods[p] != "xgradcam":  # ill-conditioned on LayerNorm'd tokens (see test_layouts)
+            if float(want[p].abs().amax()) > 1e-6:
+                _close_to_peak(got[p], want[p], 1e-3)
+
+
+@pytest.mark.parametrize("key", ("vit", "swin", "levit", "convnext"))
+def test_bf16_on_cuda_every_layout(key):
+    family, model, x = _family_case(key)
+    x = x.to(CUDA)
+    fp32 = CamEngine(copy.deepcopy(model), family.layer, device=CUDA, input_size=family.size)
+    bf16 = CamEngine(copy.deepcopy(model), family.layer, device=CUDA, input_size=family.size, precision="bf16")
+    fp32_pass, bf16_pass = fp32.forward(x), bf16.forward(x)
+    assert bf16_pass.logits.dtype == torch.bfloat16
+    rows, classes, methods = _mixed_targets(fp32_pass.logits)
+    want = fp32.cams(fp32_pass, rows, classes.to(CUDA), methods)
+    got = bf16.cams(bf16_pass, rows, classes.to(CUDA), methods)
+    assert got.dtype == torch.float32
+    for p in range(len(rows)):
+        if methods[p] != "xgradcam" and float(want[p].amax()) > 1e-6:
+            assert _pearson(got[p].cpu(), want[p].cpu()) > 0.9, (methods[p], rows[p])
+
+
+def test_token_layout_pass_waits_for_the_device_only_at_the_host_copy():
+    family, model, x = _family_case("deit")
+    engine = CamEngine(model, family.layer, device=CUDA, input_size=family.size)
+    x = x.to(CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cam_pass = engine.forward(x)
+        top_i = cam_pass.logits.detach().topk(2, dim=1).indices
+        classes = torch.cat([top_i[:, 0], top_i[device_index([0, 2], CUDA), 1]])
+        maps = normalize_maps(engine.cams(cam_pass, [0, 1, 2, 0, 2], classes, ["gradcam"] * 5))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    host = to_host({"maps": maps})
+    assert host["maps"].shape == (5, 14, 14) and float(host["maps"].amax()) > 0.99
