@@ -3,7 +3,9 @@
 
 Reports requests/s, latency p50/p90/p99/max, errors by status, and the server-side batch-size
 distribution read from the metrics endpoint (the handler's GradcamBatches counter) before and
-after the run. Loopback only; bounded by --duration and --max-requests.
+after the run, with plots next to report.md (scripts/loadplots.py): timeline.png (requests/s
+and latency percentiles over the run) and batch_sizes.png. Loopback only; bounded by --duration
+and --max-requests.
 
 examples:
   # against `make serve` (token read from key_file.json), 16 users for 2 minutes, map outputs
@@ -76,7 +78,7 @@ def run_locust(args, prefix: Path) -> int:
                GRADCAM_ROUTE=args.route, GRADCAM_MAX=str(args.max_requests))
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "scripts" / "locustfile.py"), "--headless",
            "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.duration}s", "--host", args.url,
-           "--csv", str(prefix), "--stop-timeout", "30", "--loglevel", "WARNING"]
+           "--csv", str(prefix), "--csv-full-history", "--stop-timeout", "30", "--loglevel", "WARNING"]
     if args.quiet:
         cmd.append("--only-summary")
     return subprocess.run(cmd, env=env).returncode
@@ -126,6 +128,9 @@ def markdown(report: dict) -> str:
                   + ", ".join(f"{size}: {int(n)}" for size, n in sorted(dist.items(), key=lambda kv: int(kv[0]))),
                   f"Mean batch size (per request): {report['mean_batch_size_per_request']}, "
                   f"(per batch): {report['mean_batch_size']}", ""]
+    captions = {"timeline": "Requests/s and latency percentiles over the run", "batch_sizes": "Server batch sizes"}
+    for name, file in (report.get("plots") or {}).items():
+        lines += [f"![{captions.get(name, name)}]({file})", ""]
     return "\n".join(lines)
 
 
@@ -185,10 +190,18 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_batch_size_per_request": round(sum(k * k * v for k, v in dist.items())
                                              / max(sum(k * v for k, v in dist.items()), 1), 2) if batches else None,
     }
+    try:
+        from loadplots import write_plots
+
+        report["plots"] = write_plots(report, out / "locust_stats_history.csv", out)
+    except ImportError as exc:  # matplotlib comes with the test extras (scripts/bootstrap.sh test)
+        print(f"[load] no plots: {exc}", file=sys.stderr)
+        report["plots"] = {}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     print("\n" + markdown(report))
-    print(f"[load] report: {out / 'report.md'} and report.json", flush=True)
+    plots = "".join(f", {file}" for file in report["plots"].values())
+    print(f"[load] report: {out / 'report.md'}, report.json{plots}", flush=True)
     return report
 
 

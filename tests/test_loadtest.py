@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 from conftest import DEFAULT, ROOT
+from loadplots import read_history
+from PIL import Image
 
 pytestmark = pytest.mark.server
+
+
+def _plots_are_embedded(out, names: set[str]) -> None:
+    """The report's PNG plots exist, decode at the size drawn, and report.md links them."""
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["plots"]) == names
+    markdown = (out / "report.md").read_text()
+    sizes = {"timeline": (800, 560), "batch_sizes": (600, 340)}  # figsize x 100 dpi
+    for name, file in report["plots"].items():
+        assert file == f"{name}.png" and f"]({file})" in markdown
+        with Image.open(out / file) as picture:
+            assert picture.format == "PNG" and picture.size == sizes[name]
+            picture.load()
+            colours = picture.convert("RGB").getcolors(1 << 20)
+            assert len(colours) > 20  # axes, lines and text, not a blank canvas
 
 
 def test_load_script_reports_throughput_latency_errors_and_batches(server, tmp_path):
@@ -35,6 +53,7 @@ def test_load_script_reports_throughput_latency_errors_and_batches(server, tmp_p
     markdown = (out / "report.md").read_text()
     assert "| requests | req/s | p50 ms | p90 ms | p99 ms | max ms | errors |" in markdown
     assert "Server batch sizes" in markdown
+    _plots_are_embedded(out, {"timeline", "batch_sizes"})
 
 
 def test_load_script_refuses_non_loopback_targets(tmp_path):
@@ -53,3 +72,27 @@ def test_bad_requests_show_up_by_status(server, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["failures"] == report["requests"] > 0
     assert report["errors_by_status"] == {"400": report["requests"]}  # TorchServe's InvalidKeyException
+    _plots_are_embedded(out, {"timeline"})  # no metrics endpoint: no batch sizes to draw
+
+
+def test_history_gives_each_seconds_requests_and_skips_empty_percentiles(tmp_path):
+    """locust's stats history (--csv-full-history) to per-second series: the rate comes from the
+    running request count, the per-endpoint rows are ignored, and 0/N/A percentiles are gaps."""
+    head = ("Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,"
+            "99.99%,100%,Total Request Count,Total Failure Count,Total Median Response Time,"
+            "Total Average Response Time,Total Min Response Time,Total Max Response Time,Total Average Content Size")
+
+    def row(t, users, name, p50, p90, p99, n, fails):
+        return f"{t},{users},,{name},0,0,{p50},0,0,0,{p90},0,0,{p99},0,0,0,{n},{fails},0,0,0,0,0"
+
+    lines = [head, row(100, 0, "Aggregated", "N/A", "N/A", "N/A", 0, 0),
+             row(101, 4, "predictions map", 0, 0, 0, 5, 0), row(101, 4, "Aggregated", 0, 0, 0, 5, 0),
+             row(102, 4, "Aggregated", 120, 300, 500, 25, 1),
+             row(102, 4, "Aggregated", 120, 300, 500, 26, 1),  # a second row in the same second: skipped
+             row(104, 8, "Aggregated", 130, 310, 520, 66, 3)]
+    (tmp_path / "h.csv").write_text("\n".join(lines) + "\n")
+    series = read_history(tmp_path / "h.csv")
+    assert series["t"] == [1, 2, 4] and series["users"] == [4, 4, 8]
+    assert series["rps"] == [5.0, 20.0, 20.5] and series["fails"] == [0.0, 1.0, 1.0]
+    assert math.isnan(series["p50"][0]) and series["p50"][1:] == [120.0, 130.0]
+    assert series["p99"][1:] == [500.0, 520.0]
