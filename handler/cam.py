@@ -69,6 +69,17 @@ _EPS = 1e-7
 # --------------------------------------------------------------------------- the pass
 
 
+def _make_leaf(store: dict, output) -> Tensor:
+    """The layer's output made a leaf that requires grad, kept in ``store``; a clone goes on."""
+    if not isinstance(output, Tensor):
+        raise TypeError(f"target layer outputs {type(output).__name__}, not a tensor")
+    if "activation" in store:
+        raise RuntimeError("target layer runs more than once per forward: choose a module used once")
+    leaf = output.detach().requires_grad_(True)
+    store["activation"] = leaf
+    return leaf.clone()
+
+
 @contextmanager
 def _leaf_at(layer: nn.Module, store: dict) -> Iterator[None]:
     """Re-make the layer's output a leaf that requires grad, so autograd records only the head.
@@ -79,21 +90,46 @@ def _leaf_at(layer: nn.Module, store: dict) -> Iterator[None]:
     """
 
     def _hook(_module, _inputs, output):
-        if not isinstance(output, Tensor):
-            raise TypeError(f"target layer outputs {type(output).__name__}, not a tensor")
-        if "activation" in store:
-            raise RuntimeError(
-                "target layer runs more than once per forward: choose a module used once"
-            )
-        leaf = output.detach().requires_grad_(True)
-        store["activation"] = leaf
-        return leaf.clone()
+        return _make_leaf(store, output)
 
     handle = layer.register_forward_hook(_hook)
     try:
         yield
     finally:
         handle.remove()
+
+
+class LeafCapture(nn.Module):
+    """The target layer of a compiled model, wrapped: it runs the layer, then makes the leaf.
+
+    ``torch.compile`` does not run forward hooks of modules nested in containers (a ViT's
+    ``blocks.11.norm1`` never calls its hook under compile), so a compiled model gets this module
+    in the layer's place instead of a hook. The leaf is made outside the graphs
+    (``torch._dynamo.disable``): the graph breaks there, as it does at a hook.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.store: dict | None = None
+        self._leaf = torch._dynamo.disable(self._make)
+
+    def _make(self, output):
+        if self.store is None:
+            raise RuntimeError("LeafCapture ran outside a Grad-CAM forward")
+        return _make_leaf(self.store, output)
+
+    def forward(self, *args, **kwargs):
+        return self._leaf(self.layer(*args, **kwargs))
+
+
+@contextmanager
+def _captured_by(capture: LeafCapture, store: dict) -> Iterator[None]:
+    capture.store = store
+    try:
+        yield
+    finally:
+        capture.store = None
 
 
 @dataclass
@@ -141,9 +177,11 @@ class CamPass:
             raise
 
 
-def _forward(model: nn.Module, layer: nn.Module, x: Tensor, autocast: torch.dtype | None) -> CamPass:
+def _forward(model: nn.Module, layer: nn.Module, x: Tensor, autocast: torch.dtype | None,
+             capture: LeafCapture | None = None) -> CamPass:
     store: dict = {}
-    with torch.inference_mode(False), torch.enable_grad(), _leaf_at(layer, store):
+    leaf_at = _leaf_at(layer, store) if capture is None else _captured_by(capture, store)
+    with torch.inference_mode(False), torch.enable_grad(), leaf_at:
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             logits = model(x)
     if "activation" not in store:
@@ -363,6 +401,7 @@ class CamEngine:
         # batch dimension dynamic.
         self.batch_buckets: tuple[int, ...] | None = None
         self.dynamic_batch = False
+        self.capture: LeafCapture | None = None
         # The served model is frozen once: its parameters never require grad.
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
         for p in self.model.parameters():
@@ -404,7 +443,7 @@ class CamEngine:
             x = pad_batch(x, bucket_for(n, self.batch_buckets)).contiguous(memory_format=self.memory_format)
         elif self.dynamic_batch and n > 1:
             torch._dynamo.mark_dynamic(x, 0)
-        cam_pass = _forward(self.model, self.layer, x, self.autocast)
+        cam_pass = _forward(self.model, self.layer, x, self.autocast, self.capture)
         if cam_pass.logits.shape[0] != n:
             cam_pass = CamPass(logits=cam_pass.logits[:n], activation=cam_pass.activation)
         return cam_pass

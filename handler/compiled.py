@@ -100,10 +100,19 @@ class CompiledPass:
         if folder:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
         self.cache = folder
+        from handler.cam import LeafCapture
+
         self.engine = engine
         self.eager = engine.model
         self.batch_mode = batch_mode
         self.sizes = bucket_sizes(batch_size) if batch_mode == "buckets" else (batch_size, 1)
+        # The target layer's place in the model takes a module that makes the leaf (forward hooks
+        # of nested modules do not run under compile); the eager model is the same object.
+        parent_name, _, child = engine.target_layer.rpartition(".")
+        self._parent = engine.model.get_submodule(parent_name)
+        engine.capture = LeafCapture(engine.layer)
+        setattr(self._parent, child, engine.capture)
+        self._child = child
         engine.model = torch.compile(engine.model, backend=backend, mode=mode or None, dynamic=False)
         engine.batch_buckets = self.sizes if batch_mode == "buckets" else None
         engine.dynamic_batch = batch_mode == "dynamic"
@@ -141,4 +150,6 @@ class CompiledPass:
         self.engine.model = self.eager
         self.engine.batch_buckets = None
         self.engine.dynamic_batch = False
+        setattr(self._parent, self._child, self.engine.layer)
+        self.engine.capture = None
         self.active = False

@@ -9,8 +9,13 @@ interleaved and their order rotated every round, so that machine noise hits all 
 alike; the table reports the median round.
 
     plain              inference only, under torch.inference_mode: the reference, ratio 1.0
-    engine_fp32        handler.cam.CamEngine (head-only graph, one autograd.grad), fp32
+    engine_fp32        handler.cam.CamEngine (head-only graph, one autograd.grad), fp32: eager,
+                       today's serve path without the archiver's speed options
     engine_bf16        the same under bf16 autocast
+    engine_channels_last   the engine, channels-last memory format
+    engine_compiled        the engine with its model torch.compile'd (inductor), as a worker with
+                           compile on serves it (handler.compiled; compiled in the warm-up)
+    engine_compiled_cl     compiled and channels-last
     pytorch-grad-cam   GradCAM, targets=None (top-1 from its own forward); for token and
                        channels-last layers with the matching reshape_transform
     captum             LayerGradCam (+ one extra inference forward for the top-5 and targets)
@@ -31,6 +36,7 @@ statistics calibrated on the input batch.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import importlib.util
 import json
@@ -60,13 +66,19 @@ from handler.cam import (  # noqa: E402
     to_uint8,
     upsample_maps,
 )
+from handler.compiled import CompiledPass  # noqa: E402
 from handler.config import ServeConfig  # noqa: E402
 from handler.host import tune_malloc  # noqa: E402
 from handler.layouts import auto_target  # noqa: E402
 
 log = logging.getLogger("bench_cam")
 
-ROWS = ("plain", "engine_fp32", "engine_bf16", "pytorch-grad-cam", "captum", "torchcam")
+ROWS = ("plain", "engine_fp32", "engine_bf16", "engine_channels_last", "engine_compiled", "engine_compiled_cl",
+        "pytorch-grad-cam", "captum", "torchcam")
+# Engine rows on their own copy of the model (channels_last converts its parameters) and their
+# options: (channels_last, torch.compile).
+_ENGINE_VARIANTS = {"engine_channels_last": (True, False), "engine_compiled": (False, True),
+                    "engine_compiled_cl": (True, True)}
 # Library rows: (distribution, import name).
 _LIBRARIES = {"pytorch-grad-cam": ("grad-cam", "pytorch_grad_cam"), "captum": ("captum", "captum"),
               "torchcam": ("torchcam", "torchcam")}
@@ -188,7 +200,8 @@ class PeakMemory:
 
 
 def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
-              engine_maps: str = "uint8") -> tuple[dict[str, Callable], str, str]:
+              engine_maps: str = "uint8", compile_mode: str = "",
+              variant_precision: str = "fp32") -> tuple[dict[str, Callable], str, str]:
     """One callable per row; each returns ``(top5 probabilities, top5 ids, maps or None)``.
 
     Also returns the target layer and its layout (``nchw``, ``nhwc``, ``nlc``).
@@ -203,6 +216,14 @@ def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
         if row in wanted:
             engines[row] = CamEngine(model, layer_name, device=device, input_size=tuple(x.shape[2:]),
                                      precision=precision)
+    for row, (channels_last, compiled) in _ENGINE_VARIANTS.items():
+        if row in wanted:
+            engines[row] = CamEngine(copy.deepcopy(model), layer_name, device=device, precision=variant_precision,
+                                     input_size=tuple(x.shape[2:]), channels_last=channels_last)
+            if compiled:
+                engines[row].batched_targets = False
+                # Compiles on the warm-up call, at this batch size.
+                CompiledPass(engines[row], n, mode=compile_mode or None)
     layer = dict(model.named_modules())[layer_name]
     reshape = None if layout.kind == "nchw" else layout.to_nchw
     if layout.kind != "nchw":
@@ -222,8 +243,10 @@ def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
                     box=device_tensor([[0.0, 0.0, 1.0, 1.0]] * n, device))
 
     def engine_row(engine: CamEngine):
+        xe = x.contiguous(memory_format=engine.memory_format)  # as engine.prepare hands it over
+
         def run():
-            cam_pass = engine.forward(x)
+            cam_pass = engine.forward(xe)
             top_p, top_i = cam_pass.logits.detach().float().softmax(dim=1).topk(5, dim=1)
             maps = normalize_maps(engine.cams(cam_pass, range(n), top_i[:, 0], ["gradcam"] * n))
             maps = upsample_maps(maps, frames, out_hw)
@@ -301,13 +324,21 @@ def bench_model(name: str, args, device: torch.device, memory: PeakMemory) -> li
     model = build_model(name).to(device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     calibrate(model, x)
-    rows, layer_name, layout = make_rows(model, x, args.size, args.rows, args.engine_maps)
+    rows, layer_name, layout = make_rows(model, x, args.size, args.rows, args.engine_maps, args.compile_mode,
+                                         args.variant_precision)
     log.info("%s: target layer %s (%s)", name, layer_name, layout)
 
     # First calls: warm up and keep each row's output to check shapes and agreement.
     outputs = {}
-    for row, fn in rows.items():
-        outputs[row] = fn()
+    for row, fn in list(rows.items()):
+        try:
+            outputs[row] = fn()
+        except Exception as exc:  # a compile mode or precision this device cannot do: drop the row
+            if row not in _ENGINE_VARIANTS:
+                raise
+            log.warning("%s %s failed, row dropped: %s: %s", name, row, type(exc).__name__, str(exc)[:300])
+            del rows[row]
+            continue
         top_p, top_i, maps = outputs[row]
         assert top_p.shape == top_i.shape == (args.batch, 5), (row, top_p.shape)
         assert maps is None or maps.shape == (args.batch, args.size, args.size), (row, maps.shape)
@@ -448,6 +479,21 @@ def target_checks(results: list[dict], device_type: str) -> list[dict]:
                 continue
             checks.append({"model": model, "check": kind, "against": row, "value": round(value, 4),
                            "minimum": minimum, "met": value >= minimum, "text": text})
+    # The speed options (issue 16): the best engine configuration against today's eager engine,
+    # on the CPU at least 1.4x for the CNN rows.
+    for model in dict.fromkeys(r["model"] for r in results):
+        eng = by.get((model, "engine_fp32"))
+        options = [by[(model, row)] for row in _ENGINE_VARIANTS if (model, row) in by]
+        if eng is None or not options:
+            continue
+        best = max(options, key=lambda r: r["images_per_s"])
+        value = best["images_per_s"] / eng["images_per_s"]
+        minimum = 1.4 if device_type == "cpu" and eng.get("layout") == "nchw" else None
+        met = None if minimum is None else value >= minimum
+        checks.append({"model": model, "check": "speed_options", "against": "engine_fp32", "best": best["row"],
+                       "value": round(value, 4), "minimum": minimum, "met": met,
+                       "text": f"best configuration {best['row']}: {value:.2f}x engine_fp32 images/s"
+                               + (f" (target >= {minimum:g}x)" if minimum else " (no target)")})
     # Token and channels-last models (issue 11): their ratio to plain inference within 10% of
     # the CNN rows' (their mean) in the same run.
     cnn = [r["ratio_to_plain"] for r in results
@@ -483,7 +529,8 @@ def print_tables(results: list[dict], multi: list[dict], meta: dict) -> None:
     if checks:
         print(f"\nTargets on {meta['device_type']} (engine_fp32):")
     for c in checks:
-        print(f"  {c['model']}: {c['text']}: {'met' if c['met'] else 'NOT MET'}")
+        verdict = "" if c["met"] is None else (": met" if c["met"] else ": NOT MET")
+        print(f"  {c['model']}: {c['text']}{verdict}")
     if multi:
         print(f"\nSeveral classes per image (forward + gradients + low-res maps to the host; "
               f"{meta['multi_iters']} rounds, median):")
@@ -516,6 +563,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multi-k", default="1,3,5", help="classes per image in that table")
     parser.add_argument("--multi-iters", type=int, default=None,
                         help="timed rounds of that table (3x --iters: its differences are small)")
+    parser.add_argument("--compile-mode", default="",
+                        help="torch.compile mode of the compiled rows ('' inductor's default, reduce-overhead, "
+                             "max-autotune, max-autotune-no-cudagraphs)")
+    parser.add_argument("--variant-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="autocast precision of the channels_last and compiled rows")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="what the main table times: wall-clock seconds, or the process's CPU seconds "
@@ -572,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
         "iters": args.iters, "multi_iters": args.multi_iters, "warmup": args.warmup,
         "engine_maps": args.engine_maps, "malloc": args.malloc, "clock": args.clock,
+        "compile_mode": args.compile_mode or "default", "variant_precision": args.variant_precision,
         "python": platform.python_version(),
         "map_output": (f"(N, size, size) numpy, min-max normalised: engine rows {args.engine_maps} "
                        "(to_uint8), libraries float32"),

@@ -8,6 +8,9 @@ drift hits every row alike:
   - this handler, predictions only (cam_classes=none)
   - this handler, predictions + low-res Grad-CAM map
   - this handler, predictions + map + overlay JPEG
+  - this handler, predictions + map, eager (the archive's compile and channels_last off): what
+    the archiver's speed options (torch.compile, channels-last; section "The compiled serve path"
+    of the README) buy
   - this handler, predictions only, with glibc's default malloc thresholds (the archive's
     malloc_*_threshold_mib set to 0): what the handler's malloc tuning buys
   - TorchServe's stock image_classifier answering /explanations (Captum Integrated Gradients)
@@ -48,15 +51,17 @@ from tslocal import ROOT, LocalServer, default_mar  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 GLIBC_MODEL = "efficientnet_lite0_glibc"
+EAGER_MODEL = "efficientnet_lite0_eager"
 ROWS = [  # (label, server, route, outputs)
     ("handler: predictions only", "ours", "predictions", "predictions"),
     ("handler: + Grad-CAM map", "ours", "predictions", "map"),
     ("handler: + map + overlay", "ours", "predictions", "overlay"),
+    ("handler, eager: + Grad-CAM map", "eager", "predictions", "map"),
     ("handler: predictions only, glibc malloc defaults", "glibc", "predictions", "predictions"),
     ("stock image_classifier /explanations (Captum IG)", "stock", "explanations", "stock"),
     ("stock image_classifier /predictions", "stock", "predictions", "stock"),
 ]
-BASE_ROW, STOCK_EXPLAIN_ROW = ROWS[0][0], ROWS[4][0]
+BASE_ROW, STOCK_EXPLAIN_ROW, STOCK_ROW = ROWS[0][0], ROWS[5][0], ROWS[6][0]
 
 
 def malloc_env(config: dict) -> dict[str, str]:
@@ -65,21 +70,21 @@ def malloc_env(config: dict) -> dict[str, str]:
             "MALLOC_TRIM_THRESHOLD_": str(config["malloc_trim_threshold_mib"] << 20)}
 
 
-def build_glibc_variant(ours: Path, store: Path) -> Path:
-    """The same archive with the malloc tuning off, under another model name."""
+def build_variant(ours: Path, store: Path, name: str, **handler) -> Path:
+    """The same archive with some handler settings changed, under another model name."""
     import zipfile
 
-    out = store / f"{GLIBC_MODEL}.mar"
+    out = store / f"{name}.mar"
     with zipfile.ZipFile(ours) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
         for item in src.infolist():
             data = src.read(item)
             if item.filename == "model-config.yaml":
                 config = yaml.safe_load(data)
-                config["handler"].update(malloc_mmap_threshold_mib=0, malloc_trim_threshold_mib=0)
+                config["handler"].update(handler)
                 data = yaml.safe_dump(config, sort_keys=False).encode()
             elif item.filename == "MAR-INF/MANIFEST.json":
                 manifest = json.loads(data)
-                manifest["model"]["modelName"] = GLIBC_MODEL
+                manifest["model"]["modelName"] = name
                 data = json.dumps(manifest, indent=2).encode()
             dst.writestr(item, data)
     return out
@@ -147,12 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         store.mkdir()
         (store / ours.name).symlink_to(ours)
         build_stock_archive(ours, store)
-        build_glibc_variant(ours, store)
-        stock_env = malloc_env(handler_config(ours))
+        build_variant(ours, store, GLIBC_MODEL, malloc_mmap_threshold_mib=0, malloc_trim_threshold_mib=0)
+        build_variant(ours, store, EAGER_MODEL, compile="off", channels_last="off")
+        config = handler_config(ours)
+        stock_env = malloc_env(config)
+        speed = f"compile {config['compile']}, channels_last {config['channels_last']}"
+        print(f"[compare] the default archive serves with {speed}", flush=True)
         image = ROOT / "tests" / "data" / "chelsea.jpg"
-        with LocalServer(store, [ours.name, f"{GLIBC_MODEL}.mar"], tmp / "ours") as mine, \
-                LocalServer(store, ["stock_lite0.mar"], tmp / "stock", env=stock_env) as stock:
-            servers = {"ours": (mine, MODEL), "glibc": (mine, GLIBC_MODEL), "stock": (stock, "stock_lite0")}
+        with LocalServer(store, [ours.name, f"{GLIBC_MODEL}.mar", f"{EAGER_MODEL}.mar"], tmp / "ours",
+                         ) as mine, LocalServer(store, ["stock_lite0.mar"], tmp / "stock", env=stock_env) as stock:
+            servers = {"ours": (mine, MODEL), "glibc": (mine, GLIBC_MODEL), "eager": (mine, EAGER_MODEL),
+                       "stock": (stock, "stock_lite0")}
             for rnd in range(args.rounds):
                 for label, which, route, outputs in ROWS:
                     server, model = servers[which]
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = med(BASE_ROW, "requests_per_s")
     stock_explain = med(STOCK_EXPLAIN_ROW, "requests_per_s")
+    stock = med(STOCK_ROW, "requests_per_s")
     table = []
     for label, *_ in ROWS:
         rps = med(label, "requests_per_s")
@@ -181,20 +192,23 @@ def main(argv: list[str] | None = None) -> int:
             "row": label, "requests_per_s": rps, "p99_ms": med(label, "p99"),
             "vs_predictions_only": round(rps / base, 3) if base else None,
             "vs_stock_explanations": round(rps / stock_explain, 1) if stock_explain else None,
+            "vs_stock_predictions": round(rps / stock, 3) if stock else None,
             "errors": sum(r["failures"] for r in results[label]),
             "mean_batch_size": [r["mean_batch_size"] for r in results[label]],
         })
     summary = {"users": args.users, "duration_s": args.duration, "rounds": args.rounds, "camera": args.camera,
+               "default_archive": speed,
                "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
                "cpus": os.cpu_count(), "table": table, "runs": results}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(summary, indent=2))
     print(f"\n{args.users} users, {args.duration} s x {args.rounds} rounds per row (median), {os.cpu_count()} CPUs\n")
-    print("| row | req/s | p99 ms | vs predictions only | vs stock /explanations | errors |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"'handler' rows: the default archive ({speed}); 'eager': the same with both off\n")
+    print("| row | req/s | p99 ms | vs predictions only | vs stock /predictions | vs stock /explanations | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in table:
         print(f"| {row['row']} | {row['requests_per_s']:.2f} | {row['p99_ms']:.0f} | {row['vs_predictions_only']}x | "
-              f"{row['vs_stock_explanations']}x | {row['errors']} |")
+              f"{row['vs_stock_predictions']}x | {row['vs_stock_explanations']}x | {row['errors']} |")
     print(f"\nJSON: {args.json_out}")
     return 0
 

@@ -131,6 +131,35 @@ def test_compiled_maps_equal_eager_for_every_method_and_several_classes(arch, la
     assert compiled_error <= max(1e-5, 2 * eager_error), (compiled_error, eager_error)
 
 
+@pytest.mark.parametrize("key", ["vit", "swin"])
+def test_compiled_maps_of_token_and_channels_last_layouts_equal_eager(key):
+    """A class-token ViT (its target layer nested in blocks: LeafCapture stands in for the hook
+    that compile would not run) and a Swin (NHWC): every method, several classes per image."""
+    from families import BY_KEY, _photos
+
+    family = BY_KEY[key]
+    model = family.build()
+    x = _photos(family.size)[:3]
+    eager = CamEngine(copy.deepcopy(model), "auto", input_size=family.size, batched_targets=False)
+    exact = CamEngine(copy.deepcopy(model).double(), family.layer, input_size=family.size, batched_targets=False,
+                      layout=family.layout, prefix_tokens=family.prefix, grid=family.grid)
+    compiled = CamEngine(copy.deepcopy(model), "auto", input_size=family.size, batched_targets=False)
+    assert eager.target_layer == compiled.target_layer == family.layer
+    CompiledPass(compiled, batch_size=4)
+    rows = [0, 0, 1, 1, 2, 2, 2]
+    classes = _classes(model, x, rows)
+    methods = [METHODS[i % len(METHODS)] for i in range(len(rows))]
+    got_pass = compiled.forward(x)
+    got = normalize_maps(compiled.cams(got_pass, rows, classes, methods))
+    want = normalize_maps(eager.cams(eager.forward(x), rows, classes, methods))
+    truth = normalize_maps(exact.cams(exact.forward(x.double()), rows, classes, methods)).float()
+    assert tuple(got.shape[1:]) == family.grid and float(truth.amax()) > 0.99  # real maps
+    eager_error = float((want - truth).abs().max())
+    compiled_error = float((got - truth).abs().max())
+    assert eager_error < 1e-3
+    assert compiled_error <= max(1e-5, 2 * eager_error), (compiled_error, eager_error)
+
+
 def _compiled_handler(model_dir, caplog, **handler):  # noqa: F811
     with caplog.at_level(logging.INFO):
         return _handler(model_dir, compile="on", **handler)
@@ -228,3 +257,32 @@ def test_a_compiled_archive_serves_the_same_answers_on_a_real_server(server, wei
         assert max(r.json()["batch_size"] for r in answers) > 1
         log = (compiled.workdir / "logs" / "model_log.log").read_text()
         assert "new graph(s) after load" not in log and "torch.compile failed" not in log
+
+
+def test_the_archiver_resolves_auto_by_timing_and_writes_down_what_it_measured(weights, tmp_path):
+    """--compile auto and --channels-last auto: the archive records the measured images/s and map
+    differences, and the choice follows from them (correct, and at least 5% faster)."""
+    import yaml
+    from conftest import DATA, run_archiver
+
+    done = run_archiver("--export-path", str(tmp_path), "--name", "tiny_auto", "--compile", "auto",
+                        "--channels-last", "auto", "--compile-cache-dir", str(tmp_path / "inductor"),
+                        "--model", f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3",
+                        "--weights", str(weights["tinynet"]), "--input-size", "64", "--batch-size", "4",
+                        check=True)
+    assert "timing channels_last and torch.compile at batch 4 on this machine's cpu" in done.stderr
+    with __import__("zipfile").ZipFile(tmp_path / "tiny_auto.mar") as mar:
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    handler = config["handler"]
+    tuning = handler["tuning"]
+    speed, diff = tuning["images_per_s"], tuning["max_map_difference"]
+    assert tuning["device"] == "cpu" and tuning["batch"] == 4
+    assert set(speed) == {"eager", "channels_last", "compiled"} and all(v > 0 for v in speed.values())
+    channels_last = diff["channels_last"] <= 1e-4 and speed["channels_last"] >= 1.05 * speed["eager"]
+    assert handler["channels_last"] == ("on" if channels_last else "off")
+    base = speed["channels_last" if channels_last else "eager"]
+    compiled = diff["compiled"] <= 1e-4 and speed["compiled"] >= 1.05 * base
+    assert handler["compile"] == ("on" if compiled else "off")
+    assert tuning["chosen"] == {"channels_last": handler["channels_last"], "compile": handler["compile"]}
+    assert config["startupTimeout"] == (600 if compiled else 120)
+    assert f"compile {handler['compile']}, channels_last {handler['channels_last']}" in done.stderr

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,8 +49,9 @@ def readme_server():
         yield
     finally:
         _bash(BLOCKS["stop"])
-        for leftover in ("overlay.jpg", "request.json"):
+        for leftover in ("overlay.jpg", "request.json", "gallery.png"):
             (ROOT / leftover).unlink(missing_ok=True)
+        shutil.rmtree(ROOT / "explain-out", ignore_errors=True)
 
 
 def test_readme_commands_work_verbatim(readme_server):
@@ -79,6 +82,17 @@ def test_readme_commands_work_verbatim(readme_server):
     assert v2["id"] == "cat-1" and v2["outputs"][0]["name"] == "image"
     answer = json.loads(v2["outputs"][0]["data"][0])
     assert len(answer["predictions"]) == 3 and answer["predictions"][0]["label"] == "Egyptian cat"
+
+    lines = [line.split("\t") for line in _bash(BLOCKS["client"]).strip().splitlines()]
+    by_photo = {Path(fields[0]).name: fields[1:] for fields in lines}
+    assert sorted(by_photo) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
+    assert by_photo["chelsea.jpg"][:2] == ["ok", "Egyptian cat"] and by_photo["coffee.jpg"][:2] == ["ok", "espresso"]
+    assert by_photo["astronaut.jpg"][0] == "ok"
+    saved = json.loads((ROOT / "explain-out" / "chelsea.json").read_text())
+    assert saved["cams"][0]["overlay_file"] == "chelsea.285.overlay.jpg"
+    assert Image.open(ROOT / "explain-out" / "chelsea.285.overlay.jpg").size == (451, 300)
+    _bash(BLOCKS["gallery"])
+    assert Image.open(ROOT / "gallery.png").size == Image.open(ROOT / "docs" / "gallery_chelsea.png").size
 
     explain = _curl("explain")
     assert explain["predictions"][0]["class_id"] == raw["predictions"][0]["class_id"]

@@ -1,0 +1,91 @@
+"""The archiver's ``auto`` for the speed options: time them on this machine, keep what is faster.
+
+Used by ``scripts/archive.py`` during its dry run, with the model it built and its weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+__all__ = ["tune"]
+
+logger = logging.getLogger("archive")
+
+
+def _time_pass(engine, pixels, classes, reps: int) -> tuple[float, object]:
+    """Median images/s of the full pass (forward, gradient, normalised maps) and its maps."""
+    from handler.cam import normalize_maps
+
+    n = pixels.shape[0]
+
+    def once():
+        cam_pass = engine.forward(engine.prepare(pixels))
+        return normalize_maps(engine.cams(cam_pass, list(range(n)), classes, ["gradcam"] * n))
+
+    once()
+    times, maps = [], None
+    for _ in range(reps):
+        started = time.perf_counter()
+        maps = once()
+        times.append(time.perf_counter() - started)
+    return n / sorted(times)[len(times) // 2], maps
+
+
+def tune(model, config, batch_size: int, compile_choice: str, channels_last_choice: str, device: str,
+         reps: int = 5) -> dict:
+    """Resolve ``auto`` for channels_last and compile by timing them here, on this machine's device.
+
+    Each option is kept only when it is correct (its normalised maps within 1e-4 of the eager
+    pass's: fp32 rounding alone puts two correct passes ~1e-5 apart, a wrong pass is off by
+    tenths) and at least 5% faster: timings on a busy machine are noisy, and a compiled worker
+    pays for compiling at every cold start.
+
+    Returns:
+        ``config.tuning``: the device, batch, images/s per option and the choice.
+    """
+    import copy
+
+    import torch
+
+    from handler.cam import CamEngine
+    from handler.compiled import CompiledPass
+
+    def engine(channels_last: bool):
+        return CamEngine(copy.deepcopy(model), config.target_layer, device=device, mean=config.mean, std=config.std,
+                         input_size=tuple(config.input_size), channels_last=channels_last,
+                         precision=config.precision if device == "cuda" else "fp32")
+
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (batch_size, *config.input_size, 3), dtype=torch.uint8, generator=gen)
+    classes = (torch.arange(batch_size) % config.num_classes).to(device)
+    speeds, diffs = {}, {}
+    speeds["eager"], reference = _time_pass(engine(False), pixels, classes, reps)
+    channels_last = channels_last_choice == "on"
+    if channels_last_choice == "auto":
+        speeds["channels_last"], maps = _time_pass(engine(True), pixels, classes, reps)
+        diffs["channels_last"] = float((maps - reference).abs().max())
+        channels_last = diffs["channels_last"] <= 1e-4 and speeds["channels_last"] >= 1.05 * speeds["eager"]
+    compiled = compile_choice == "on"
+    if compile_choice == "auto":
+        base = speeds["channels_last" if channels_last else "eager"]
+        candidate = engine(channels_last)
+        candidate.batched_targets = False
+        logger.info("  compiling the pass to time it (a minute or so on a CPU) ...")
+        CompiledPass(candidate, batch_size, config.compile_batch, config.compile_backend, config.compile_mode)
+        try:
+            speeds["compiled"], maps = _time_pass(candidate, pixels, classes, reps)
+            diffs["compiled"] = float((maps - reference).abs().max())
+            compiled = diffs["compiled"] <= 1e-4 and speeds["compiled"] >= 1.05 * base
+        except Exception as exc:  # no C++ compiler, an unsupported op: serve eager
+            logger.warning("  torch.compile failed here (%s: %s): the archive serves eager",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            compiled = False
+    config.channels_last = "on" if channels_last else "off"
+    config.compile = "on" if compiled else "off"
+    return {
+        "device": device, "batch": batch_size,
+        "images_per_s": {k: round(v, 1) for k, v in speeds.items()},
+        "max_map_difference": {k: float(f"{v:.2g}") for k, v in diffs.items()},
+        "chosen": {"channels_last": config.channels_last, "compile": config.compile},
+    }
