@@ -165,8 +165,13 @@ class GradCamHandler:
         """
         config = self.config
         started = time.perf_counter()
-        compiled = CompiledPass(self.engine, batch_size, config.compile_batch, config.compile_backend,
-                                config.compile_mode, config.compile_cache_dir)
+        try:
+            compiled = CompiledPass(self.engine, batch_size, config.compile_batch, config.compile_backend,
+                                    config.compile_mode, config.compile_cache_dir)
+        except Exception as exc:  # compiling must never stop a load: serve eager
+            logger.warning("torch.compile could not be set up (%s: %s); serving the eager model",
+                           type(exc).__name__, exc)
+            return None
         # Vmapped gradients have no batching rule through inductor's backward kernels: one
         # gradient pass per round of classes instead.
         batched_targets, self.engine.batched_targets = self.engine.batched_targets, False

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The compiled serve path on a lent GPU (issue 16), as a second device call after gpu_check.sh:
-# torch.compile's default mode, reduce-overhead (CUDA graphs) and max-autotune against the eager
+# its CUDA tests (tests/test_compiled.py -k gpu), then torch.compile's default mode, reduce-overhead (CUDA graphs) and max-autotune against the eager
 # engine at batch 1, 8 and 64 (fp32), then bf16 with compile at batch 64. Tables and JSON go to
 # $OUT (the device tool's return folder) or bench_results/gpu/.
 #   command: bash scripts/gpu_compile_check.sh      carry: [".gpu"]      timeout_s: 600
@@ -21,6 +21,9 @@ if [ -d .gpu/wheels ]; then
   export PYTHONPATH="/tmp/gpu-site:$ROOT/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 status=0
+say "CUDA tests of the compiled pass"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_compiled.py -k gpu 2>&1 | tee "$out/compile_tests.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 run() {  # mode batch precision
   local tag="${1:-default}_b$2_$3"
   say "compile mode ${1:-default}, batch $2, $3"

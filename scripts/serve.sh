@@ -52,20 +52,24 @@ say "starting TorchServe ($INFERENCE), logs in $ROOT/logs"
 torchserve --start --ts-config config.properties --model-store model_store --ncs \
   --models "${LOAD[@]}" >logs/torchserve.out 2>&1
 
-# Ready when every model's worker is: /ping says Healthy before the models have loaded.
+# Ready when every model's worker is: /ping says Healthy before the models have loaded. A
+# compiled archive compiles its batch sizes at load (a minute or two on a small CPU the first
+# time; its kernels are cached in ~/.cache/gradcam-serve for the next start).
+WAIT=600
 for model in "${MODELS[@]}"; do
   status=""
-  for _ in $(seq 1 180); do
+  for i in $(seq 1 "$WAIT"); do
     if [ -f key_file.json ]; then
-      status="$(curl -s --max-time 5 -H "Authorization: Bearer $(scripts/token.sh management)" \
+      status="$(curl -s --max-time 5 -H "Authorization: Bearer $(scripts/token.sh management 2>/dev/null)" \
         "$MANAGEMENT/models/$model" || true)"
       case "$status" in *'"status": "READY"'*) break ;; esac
     fi
+    [ $((i % 30)) = 0 ] && say "still loading $model ($i s; a compiled archive compiles at its first load)"
     sleep 1
   done
   case "$status" in
     *'"status": "READY"'*) say "ready: $INFERENCE/predictions/$model" ;;
-    *) say "$model did not become ready in 180 s; see logs/model_log.log and logs/ts_log.log"
+    *) say "$model did not become ready in $WAIT s; see logs/model_log.log and logs/ts_log.log"
        exit 1 ;;
   esac
 done

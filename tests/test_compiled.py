@@ -286,3 +286,31 @@ def test_the_archiver_resolves_auto_by_timing_and_writes_down_what_it_measured(w
     assert tuning["chosen"] == {"channels_last": handler["channels_last"], "compile": handler["compile"]}
     assert config["startupTimeout"] == (600 if compiled else 120)
     assert f"compile {handler['compile']}, channels_last {handler['channels_last']}" in done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["", "reduce-overhead"])
+def test_on_a_gpu_compiled_maps_equal_eager(mode, monkeypatch):
+    """inductor's CUDA kernels (and CUDA graphs with reduce-overhead): the maps of every method
+    and several classes per image equal the eager pass's on the same device (TF32 off: it alone
+    moves maps by ~1e-3)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 3, SIZE, SIZE, generator=gen)
+    model = _model("resnet18", x)
+    cuda = torch.device("cuda:0")
+    eager = CamEngine(copy.deepcopy(model), "layer4", device=cuda, input_size=(SIZE, SIZE), batched_targets=False)
+    compiled = CamEngine(copy.deepcopy(model), "layer4", device=cuda, input_size=(SIZE, SIZE),
+                         batched_targets=False, channels_last=True)
+    CompiledPass(compiled, batch_size=4, mode=mode or None)
+    rows = [0, 0, 1, 1, 2, 2, 2]
+    classes = _classes(model, x, rows).to(cuda)
+    methods = [METHODS[i % len(METHODS)] for i in range(len(rows))]
+    xd = x.to(cuda)
+    for _ in range(3):  # CUDA graphs record on a later call than the first
+        got = normalize_maps(compiled.cams(compiled.forward(xd.contiguous(memory_format=torch.channels_last)),
+                                           rows, classes, methods))
+    want = normalize_maps(eager.cams(eager.forward(xd), rows, classes, methods))
+    assert float(want.amax()) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
