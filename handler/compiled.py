@@ -113,6 +113,13 @@ class CompiledPass:
         engine.capture = LeafCapture(engine.layer)
         setattr(self._parent, child, engine.capture)
         self._child = child
+        # The graph breaks at the leaf, so the blocks around it compile as frames of their own,
+        # one per block instance (a ConvNeXt's four stages share one forward) and per batch size:
+        # more than dynamo's default of 8 per function, past which it silently runs eager.
+        limit = 16 * len(self.sizes)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
         engine.model = torch.compile(engine.model, backend=backend, mode=mode or None, dynamic=False)
         engine.batch_buckets = self.sizes if batch_mode == "buckets" else None
         engine.dynamic_batch = batch_mode == "dynamic"

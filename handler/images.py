@@ -26,7 +26,7 @@ import warnings
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -164,6 +164,11 @@ class ImageSource:
     size: tuple[int, int]
     orientation: int | None = None
     jpeg: JpegFrame | None = None
+
+    def reopened(self) -> ImageSource:
+        """The same image opened afresh, to decode its pixels once more at another scale (a
+        Pillow image decodes once, at the scale its ``draft`` chose)."""
+        return replace(self, image=Image.open(io.BytesIO(self.data), formats=(self.format,)))
 
 
 def _orientation(image: Image.Image) -> int:

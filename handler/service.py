@@ -71,6 +71,8 @@ class _Job:
     options: Options
     frame: tuple[int, int]  # (height, width) of its heatmaps and overlays
     reply: V2Reply | None = None  # a KServe v2 request: frame the answer as a v2 reply
+    source: ImageSource | None = None  # the opened image, for a second decode at another scale
+    display: Photo | None = None  # the overlay's background where it needs more pixels than `photo`
 
 
 def _device(context) -> torch.device:
@@ -206,13 +208,17 @@ class GradCamHandler:
                 pending.append((idx, source, options, reply))
             except HandlerError as err:
                 responses[idx] = self._fail(context, idx, err, len(data), reply or err.v2_reply)
-        # Pixels last, once each request's options say what scale it needs.
-        photos = self.decoder.decode([p[1] for p in pending], [self._need(p[1], p[2]) for p in pending])
-        for (idx, _, options, reply), photo in zip(pending, photos):
+        # Pixels last: the model's at the scale its input needs, whatever the outputs asked for
+        # (the same photo gets the same answer); an overlay's background at its frame's scale,
+        # decoded again where that is larger.
+        photos = self.decoder.decode([p[1] for p in pending], [self._need(p[1]) for p in pending])
+        for (idx, source, options, reply), photo in zip(pending, photos):
             if isinstance(photo, HandlerError):
                 responses[idx] = self._fail(context, idx, photo, len(data), reply)
             else:
                 jobs.append(self._job(idx, photo, options, reply))
+                jobs[-1].source = source
+        self._decode_displays(jobs)
         decoded = time.perf_counter()
         timings = {"pass": 0.0, "render": 0.0, "maps": 0}
         if jobs:
@@ -242,11 +248,28 @@ class GradCamHandler:
     def _job(self, idx: int, photo: Photo, options: Options, reply: V2Reply | None = None) -> _Job:
         return _Job(idx, photo, options, _frame_size(*photo.size, self.config.max_side), reply)
 
-    def _need(self, source: ImageSource, options: Options) -> tuple[int, int]:
-        """The ``(width, height)`` a request needs decoded: its place in the model input, and
-        its frame when an overlay is drawn on the photo (a heatmap needs no photo pixels)."""
-        frame = _frame_size(*source.size, self.config.max_side) if "overlay" in options.outputs else None
-        return cover_size(source.size, self.layout, frame)
+    def _need(self, source: ImageSource) -> tuple[int, int]:
+        """The ``(width, height)`` the model input needs decoded: the photo's place in it."""
+        return cover_size(source.size, self.layout)
+
+    def _decode_displays(self, jobs: list[_Job]) -> None:
+        """The pictures overlays are drawn on, for the jobs whose frame needs more pixels than the
+        model's decode has (a heatmap needs no photo pixels). Decoded as a batch; a failure
+        falls back to the model's pixels."""
+        wanted = []
+        for job in jobs:
+            if "overlay" not in job.options.outputs or job.source is None:
+                continue
+            frame = cover_size(job.source.size, self.layout, job.frame)
+            box = job.photo.box
+            if frame[0] > box[2] - box[0] + 0.5 or frame[1] > box[3] - box[1] + 0.5:
+                wanted.append((job, frame))
+        if not wanted:
+            return
+        displays = self.decoder.decode([job.source.reopened() for job, _ in wanted], [frame for _, frame in wanted])
+        for (job, _), display in zip(wanted, displays):
+            if isinstance(display, Photo):
+                job.display = display
 
     def _answer(self, context, idx: int, body: dict | HandlerError, batch_size: int,
                 reply: V2Reply | None = None) -> str:
@@ -394,7 +417,7 @@ class GradCamHandler:
             j = rows[p]
             if j not in slot:
                 slot[j] = len(photos)
-                photos.append(jobs[j].photo)
+                photos.append(jobs[j].display or jobs[j].photo)
                 photo_frames.append(frames[at_drawn[p]])
         images = display_batch(photos, photo_frames, tuple(heat.shape[1:]), self.device)
         pick = device_index([slot[rows[p]] for p in blended], self.device)

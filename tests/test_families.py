@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DATA, ROOT
+from conftest import DATA, EAGER, ROOT
 from families import EXTRAS, FAMILIES, Family, pgc_maps, save_weights
 from PIL import Image
 from tslocal import LocalServer
@@ -51,7 +51,7 @@ def family_store(tmp_path_factory, family_models):
         classes = ["--num-classes", str(f.kwargs["num_classes"])] if "num_classes" in f.kwargs else []
         jobs.append((f.key, [sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--export-path", str(store),
                              "--model", f.source, "--model-kwargs", json.dumps(kwargs), "--weights", str(path),
-                             "--name", f.key, *classes, *f.archive_args]))
+                             "--name", f.key, *classes, *f.archive_args, *EAGER]))
     started = time.monotonic()
     running: list = []
     while jobs or running:

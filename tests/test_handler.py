@@ -416,3 +416,22 @@ def test_codec_devices_need_a_cuda_worker(model_dir):
         _handler(model_dir, decode_device="gpu")
     with pytest.raises(ValueError, match="'decode_threads' must be an integer in 0..64"):
         _handler(model_dir, decode_threads=-1)
+
+
+def test_the_outputs_asked_for_do_not_change_the_answer(served):
+    """A large JPEG is decoded for the model at the scale its input needs whatever the outputs:
+    predictions and maps are the same with and without an overlay, whose background is decoded
+    once more at its frame's scale (sharp at 512 px, not upscaled from the model's decode)."""
+    service, context = served
+    photo_bytes = _jpeg(_camera((2000, 1000)))
+    _, (plain,) = _batch(service, context, [{"image": photo_bytes, "outputs": "map"}])
+    _, (drawn,) = _batch(service, context, [{"image": photo_bytes, "outputs": "map,overlay"}])
+    assert drawn["predictions"] == plain["predictions"]
+    assert drawn["cams"][0]["map"] == plain["cams"][0]["map"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(drawn["cams"][0]["overlay"])))
+    assert overlay.size == (512, 256) and drawn["frame_size"] == [512, 256]
+    # Its background is the photo at 512 px, as sharp as a full decode resized to 512 px.
+    want = Image.open(io.BytesIO(photo_bytes)).convert("L").resize((512, 256), Image.Resampling.BILINEAR)
+    got = np.asarray(overlay.convert("L"), dtype=float)
+    detail = np.abs(np.diff(np.asarray(want, dtype=float), axis=1)).mean()
+    assert np.abs(np.diff(got, axis=1)).mean() > 0.5 * detail
