@@ -31,6 +31,28 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
           torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' | tee -a "$out/gpu.txt"
 
+if [ "${GPU_CHECK_STEP:-}" = compile ]; then  # scripts/gpu_compile_check.sh: the second device call
+  status=0
+  say "CUDA tests of the compiled pass"
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_compiled.py -k gpu 2>&1 | tee "$out/compile_tests.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  run() {  # mode batch precision
+    local tag="${1:-default}_b$2_$3"
+    say "compile mode ${1:-default}, batch $2, $3"
+    "$PY" scripts/bench_cam.py --models tf_efficientnet_lite0,resnet50 --multi-models '' \
+      --rows plain,engine_fp32,engine_bf16,engine_compiled,engine_compiled_cl --batch "$2" --iters 20 --warmup 3 \
+      --compile-mode "$1" --variant-precision "$3" --json-out "$out/compile_$tag.json" 2>&1 \
+      | tee "$out/compile_$tag.log" || status=1
+  }
+  for mode in "" reduce-overhead; do
+    for batch in 1 8 64; do run "$mode" "$batch" fp32; done
+  done
+  run "" 64 bf16
+  run max-autotune 64 fp32
+  say "compile check exit status $status"
+  exit $status
+fi
+
 say "CUDA tests"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_cam_cuda.py tests/test_images_cuda.py tests/test_handler.py 2>&1 \
   | tee "$out/tests.log"
