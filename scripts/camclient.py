@@ -1,4 +1,4 @@
-"""HTTP client of the Grad-CAM endpoint, used by scripts/explain.py.
+"""HTTP client of the Grad-CAM endpoint (scripts/explain.py), and the clients' ``--token`` parsing.
 
 Options travel as multipart fields (TorchServe drops query strings). A 503 (TorchServe's job
 queue is full, or the model has no worker yet), a 507 (the worker died with the batch, or the
@@ -11,6 +11,7 @@ served, an option refused) raise :class:`Fatal` at once.
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["Client", "Fatal", "Result", "RETRY_STATUSES"]
+__all__ = ["Client", "Fatal", "Result", "RETRY_STATUSES", "token_attached"]
 
 RETRY_STATUSES = frozenset({503, 507})
 _BACKOFF_BASE_S = 0.25
@@ -27,6 +28,16 @@ _BACKOFF_CAP_S = 8.0
 # TorchServe 0.12 keys expire token_expiration_min after they are made (60 by default), and an
 # expired key gets the same answer as a wrong one.
 _TOKEN_HINT = "a wrong key, or an expired one: TorchServe's keys last token_expiration_min, 60 minutes by default"
+
+
+def token_attached(argv: list[str] | None) -> list[str]:
+    """A command line with ``--token KEY`` as ``--token=KEY``: TorchServe's keys are URL-safe
+    base64, one in 64 starts with '-', and argparse takes such a value for an option."""
+    rest, out = list(sys.argv[1:] if argv is None else argv), []
+    while rest:
+        arg = rest.pop(0)
+        out.append(f"{arg}={rest.pop(0)}" if arg == "--token" and rest else arg)
+    return out
 
 
 class Fatal(Exception):

@@ -65,7 +65,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from camclient import Client, Fatal, Result
+from camclient import Client, Fatal, Result, token_attached
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -425,7 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "as PNG (or JPEG for a .jpg name) "
                           "(five requests per photo; files are written for --cam-method, default gradcam)")
     gal.add_argument("--panel", type=_positive, default=224, help="gallery panel size in pixels (default %(default)s)")
-    args = p.parse_args(argv)
+    args = p.parse_args(token_attached(argv))
     if args.retries < 0:
         p.error("--retries must be 0 or more")
     if args.gallery and args.gallery.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+from camclient import token_attached
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "grpc"
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -313,7 +315,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torchserve: InferenceAPIsService.Predictions (default); v2: KServe's "
                         "GRPCInferenceService.ModelInfer (server needs ts_open_inference_protocol=true)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait (default: 120)")
-    return p.parse_args(argv)
+    return p.parse_args(token_attached(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import requests
+from camclient import token_attached
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,7 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "4:3 JPEGs made from tests/data (scripts/camera_photos.py, cached in bench_results/camera/)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: bench_results/load-<time>)")
     p.add_argument("-q", "--quiet", action="store_true", help="no periodic progress table")
-    return p.parse_args(argv)
+    return p.parse_args(token_attached(argv))
 
 
 def main(argv: list[str] | None = None) -> dict:

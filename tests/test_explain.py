@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib
 import json
 import os
 import re
@@ -319,3 +320,14 @@ def test_a_dropped_connection_and_a_503_are_retried_then_answered(stub, tmp_path
     assert parse(done.stdout)[str(DATA / "chelsea.jpg")][:3] == ["ok", "stub", "0.5000"]
     assert _Stub.posts == 3
     assert re.search(r"; 2 retries \(503: 1, connection (reset|closed without an answer): 1\)", done.stderr)
+
+
+
+@pytest.mark.parametrize("script, rest", [("explain", ["x.jpg"]), ("grpc_client", ["x.jpg"]), ("loadtest", [])])
+def test_a_token_that_starts_with_a_dash_is_taken_as_the_token(script, rest):
+    """TorchServe's keys are URL-safe base64: one in 64 starts with '-' (seen in a full run as
+    'argument --token: expected one argument' from the README's gRPC command)."""
+    module = importlib.import_module(script)
+    assert module.parse_args(["--token", "-EEQWSl", *rest]).token == "-EEQWSl"
+    assert module.parse_args([*rest, "--token=--x"]).token == "--x"
+    assert module.parse_args([*rest, "--token", ""]).token == ""
