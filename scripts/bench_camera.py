@@ -9,15 +9,18 @@ by round so machine drift hits every row alike:
   - 4032x2016 baseline JPEG (about 2 MB, the same scene with sensor-like noise)
   - the same, progressive JPEG
 
-(photos from scripts/camera_photos.py). With ``--compare-ref REF`` the same rows also run against
-an archive built from the handler at git revision REF (for example the commit before a change),
-served by a second server, in the same alternation. Prints the table and writes
+(photos from scripts/camera_photos.py), sent as multipart form uploads, or with ``--bodies raw``
+as raw request bodies with the options as headers (``--bodies multipart,raw``: a table group
+each). With ``--compare-ref REF`` the same rows also run against an archive built from the
+handler at git revision REF (for example the commit before a change), served by a second
+server, in the same alternation. Prints the table and writes
 bench_results/bench_camera.json: req/s and its ratio to the small photo's, and the server's CPU
 time per answered request (frontend and worker processes, from /proc), whose inverse ratio is what
 the req/s ratio becomes when the server has the cores to itself: on a machine shared with other
 work, req/s follows what the others leave, CPU time per request much less so.
 
   .venv/bin/python scripts/bench_camera.py --duration 30 --rounds 2
+  .venv/bin/python scripts/bench_camera.py --bodies multipart,raw   # form uploads against raw bodies (curl -T)
   .venv/bin/python scripts/bench_camera.py --compare-ref HEAD    # your working tree vs the last commit
 """
 
@@ -84,8 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-u", "--users", type=int, default=8)
     p.add_argument("--compare-ref", default=None, metavar="REF",
                    help="also measure the handler of this git revision (e.g. HEAD), side by side")
+    p.add_argument("--bodies", default="multipart",
+                   help="comma list of request bodies to measure, each photo under each: multipart (the image "
+                        "as a form field) and/or raw (the image as the body, options as headers; curl -T) "
+                        "(default: %(default)s)")
     p.add_argument("--json-out", type=Path, default=ROOT / "bench_results" / "bench_camera.json")
     args = p.parse_args(argv)
+    bodies = [b.strip() for b in args.bodies.split(",") if b.strip()]
+    if not bodies or set(bodies) - {"multipart", "raw"}:
+        p.error(f"--bodies: a comma list of multipart and raw, got {args.bodies!r}")
+
+    def group_name(handler: str, body: str) -> str:  # one table group per handler and request body
+        return handler if len(bodies) == 1 else f"{handler}, {body} body"
 
     photos = camera_set(quiet=False)
     ours = default_mar()
@@ -97,17 +110,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[camera] building the default archive at {args.compare_ref} ...", flush=True)
             stores[args.compare_ref] = archive_at(args.compare_ref, tmp / "ref")
         servers = {}
+        groups = [(name, body) for name in stores for body in bodies]
         try:
             for n, (name, mar) in enumerate(stores.items()):
                 servers[name] = LocalServer(mar.parent, [mar.name], tmp / f"server{n}").start()
             for rnd in range(args.rounds):
                 for label, key in ROWS:
-                    for name, server in servers.items():
-                        print(f"[camera] round {rnd + 1}/{args.rounds}: {label} ({name})", flush=True)
+                    for (name, body), server in ((g, servers[g[0]]) for g in groups):
+                        print(f"[camera] round {rnd + 1}/{args.rounds}: {label} ({name}, {body} body)", flush=True)
                         cpu = server_cpu_seconds(server)
                         report = loadtest.main([
                             "--url", server.url, "--metrics-url", server.metrics_url, "--token", server.token,
-                            "--model", MODEL, "--outputs", "map", "-u", str(args.users),
+                            "--model", MODEL, "--outputs", "map", "-u", str(args.users), "--body", body,
                             "--duration", str(args.duration), "-q", "--images", str(photos[key]),
                             "--out", str(tmp / f"load-{rnd}-{key}-{len(results)}")])
                         time.sleep(2)  # the requests still in flight finish
@@ -115,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                                  for after, before in zip(server_cpu_seconds(server), cpu)]
                         report["server_cpu_ms_per_request"] = round(spent[0], 1)
                         report["worker_cpu_ms_per_request"] = round(spent[1], 1)
-                        results.setdefault((name, key), []).append(report)
+                        results.setdefault((group_name(name, body), key), []).append(report)
         finally:
             for server in servers.values():
                 server.stop()
 
     table = []
-    for name in stores:
+    for name in (group_name(n, b) for n, b in groups):
         small = statistics.median(r["requests_per_s"] for r in results[(name, "small")])
         small_cpu = statistics.median(r["server_cpu_ms_per_request"] for r in results[(name, "small")])
         for label, key in ROWS:
@@ -138,12 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                           "errors": sum(r["failures"] for r in runs),
                           "mean_batch_size": [r["mean_batch_size"] for r in runs]})
     summary = {"users": args.users, "duration_s": args.duration, "rounds": args.rounds, "cpus": os.cpu_count(),
+               "bodies": bodies,
                "outputs": "cam_classes=top1, outputs=map", "table": table,
                "runs": {f"{n} / {k}": v for (n, k), v in results.items()}}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(summary, indent=2))
     print(f"\n{args.users} users, cam_classes=top1 & outputs=map, {args.duration} s x {args.rounds} rounds per row "
-          f"(median), {os.cpu_count()} CPUs\n")
+          f"(median), {os.cpu_count()} CPUs, {' and '.join(bodies)} request bodies\n")
     print("| handler | photo | req/s | vs small | target | CPU ms/req (worker) | CPU vs small | p99 ms | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in table:

@@ -76,7 +76,7 @@ def batch_counts(metrics_url: str | None, model: str) -> dict[int, float]:
 def run_locust(args, prefix: Path) -> int:
     env = dict(os.environ, GRADCAM_MODEL=args.model, GRADCAM_TOKEN=args.token or "",
                GRADCAM_IMAGES=",".join(str(p) for p in args.images), GRADCAM_OUTPUTS=args.outputs,
-               GRADCAM_ROUTE=args.route, GRADCAM_MAX=str(args.max_requests))
+               GRADCAM_ROUTE=args.route, GRADCAM_MAX=str(args.max_requests), GRADCAM_BODY=args.body)
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "scripts" / "locustfile.py"), "--headless",
            "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.duration}s", "--host", args.url,
            "--csv", str(prefix), "--csv-full-history", "--stop-timeout", "30", "--loglevel", "WARNING"]
@@ -146,6 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--route", choices=("predictions", "explanations"), default="predictions")
     p.add_argument("--outputs", choices=("predictions", "map", "overlay", "stock"), default="map",
                    help="predictions: no CAM; map: + low-res map; overlay: + overlay JPEG; stock: image only")
+    p.add_argument("--body", choices=("multipart", "raw"), default="multipart",
+                   help="multipart: the image and options as form fields (default); raw: the image as the "
+                        "request body, options as headers (curl -T; TorchServe's frontend spends less on it)")
     p.add_argument("-u", "--users", type=int, default=16, help="concurrent users")
     p.add_argument("-r", "--spawn-rate", type=float, default=16, help="users started per second")
     p.add_argument("--duration", type=int, default=60, help="seconds (upper bound)")
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist = {size: after[size] - before.get(size, 0) for size in after if after[size] - before.get(size, 0) > 0}
     batches = sum(dist.values())
     report = {
-        "model": args.model, "route": args.route, "outputs": args.outputs, "users": args.users,
+        "model": args.model, "route": args.route, "outputs": args.outputs, "body": args.body, "users": args.users,
         "duration_s": round(elapsed, 1), "images": [p.name for p in args.images],
         **read_stats(out / "locust"),
         "batch_size_distribution": {str(k): v for k, v in sorted(dist.items())},

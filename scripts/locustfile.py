@@ -6,11 +6,13 @@ GRADCAM_IMAGES     comma list of image files
 GRADCAM_OUTPUTS    predictions | map | overlay | stock  (predictions = no CAM; stock = image only)
 GRADCAM_ROUTE      predictions | explanations
 GRADCAM_MAX        stop after this many requests      (0 = no limit)
+GRADCAM_BODY       multipart | raw                    (raw: the image is the body, options are headers)
 """
 
 from __future__ import annotations
 
 import itertools
+import mimetypes
 import os
 import threading
 from pathlib import Path
@@ -28,6 +30,7 @@ _OUTPUTS = os.environ.get("GRADCAM_OUTPUTS", "map")
 _ROUTE = os.environ.get("GRADCAM_ROUTE", "predictions")
 _HEADERS = {"Authorization": f"Bearer {os.environ['GRADCAM_TOKEN']}"} if os.environ.get("GRADCAM_TOKEN") else {}
 _IMAGES = [(Path(p).name, Path(p).read_bytes()) for p in os.environ["GRADCAM_IMAGES"].split(",")]
+_RAW = os.environ.get("GRADCAM_BODY", "multipart") == "raw"
 _MAX = int(os.environ.get("GRADCAM_MAX", "0"))
 _cycle = itertools.cycle(_IMAGES)
 _count = itertools.count(1)
@@ -47,9 +50,14 @@ class GradCamUser(HttpUser):
         if _MAX and n > _MAX:
             self.environment.runner.quit()
             return
-        field = "data" if _OUTPUTS == "stock" else "image"  # the stock handlers read 'data' or 'body'
-        with self.client.post(f"/{_ROUTE}/{_MODEL}", files={field: (name, data)}, data=_FIELDS[_OUTPUTS],
-                              headers=_HEADERS, name=f"{_ROUTE} {_OUTPUTS}", catch_response=True) as r:
+        if _RAW:  # the image as the body (curl -T), options as headers
+            kwargs = {"data": data, "headers": {**_HEADERS, **_FIELDS[_OUTPUTS],
+                                                "Content-Type": mimetypes.guess_type(name)[0] or "image/jpeg"}}
+        else:  # the stock handlers read 'data' or 'body'
+            field = "data" if _OUTPUTS == "stock" else "image"
+            kwargs = {"files": {field: (name, data)}, "data": _FIELDS[_OUTPUTS], "headers": _HEADERS}
+        with self.client.post(f"/{_ROUTE}/{_MODEL}", name=f"{_ROUTE} {_OUTPUTS}", catch_response=True,
+                              **kwargs) as r:
             if r.status_code == 200:
                 r.success()
             else:

@@ -6,8 +6,10 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
+import requests
 from conftest import DEFAULT, ROOT
 from loadplots import read_history
 from PIL import Image
@@ -54,6 +56,38 @@ def test_load_script_reports_throughput_latency_errors_and_batches(server, tmp_p
     assert "| requests | req/s | p50 ms | p90 ms | p99 ms | max ms | errors |" in markdown
     assert "Server batch sizes" in markdown
     _plots_are_embedded(out, {"timeline", "batch_sizes"})
+
+
+def _maps_served(server) -> float:
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("GradcamMaps{") and f'ModelName="{DEFAULT}"' in line)
+
+
+def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
+    """--body raw: the photo is the body and the options are headers; cam_classes=none in a
+    header must reach the handler, so the run serves answers and no map."""
+    start = _maps_served(server)
+    r = requests.post(f"{server.url}/predictions/{DEFAULT}", data=(ROOT / "tests/data/chelsea.jpg").read_bytes(),
+                      headers={"Authorization": f"Bearer {server.token}", "Content-Type": "image/jpeg",
+                               "cam_classes": "top2"}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["cams"]) == 2
+    deadline = time.monotonic() + 15
+    while _maps_served(server) < start + 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    before = _maps_served(server)
+    assert before == start + 2  # the counter sees maps
+    out = tmp_path / "raw"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.url, "--metrics-url",
+         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "4",
+         "--max-requests", "40", "--outputs", "predictions", "--body", "raw", "-q", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["body"] == "raw" and report["requests"] > 2 and report["failures"] == 0
+    time.sleep(2)  # metrics of the last requests arrive
+    assert _maps_served(server) == before  # the header's cam_classes=none was honoured
 
 
 def test_load_script_refuses_non_loopback_targets(tmp_path):
