@@ -6,7 +6,8 @@ limits, the format, the EXIF orientation of JPEGs and the JPEG frame. Then
 
 - the CPU route (Pillow): JPEGs at the smallest DCT scale (1/8, 1/4, 1/2) that still covers what
   the request needs, so a 12-megapixel photo bound for a 224x224 input is decoded at 1/8 of its
-  size; every image in a thread of a pool made once per worker (Pillow's decoders and resamplers
+  size, and a progressive JPEG at 1/8 from its DC scans alone (:func:`dc_scans`, same pixels);
+  every image in a thread of a pool made once per worker (Pillow's decoders and resamplers
   release the GIL);
 - the device route on CUDA workers (:mod:`handler.image_tensors`): the batch's baseline JPEGs
   decoded with nvJPEG; progressive, CMYK, arithmetic-coded and every other format, and any JPEG
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 import warnings
 import zlib
@@ -46,6 +48,7 @@ __all__ = [
     "cover_size",
     "decode_image",
     "decode_pixels",
+    "dc_scans",
     "device_refusal",
     "jpeg_frame",
     "open_image",
@@ -80,6 +83,9 @@ _SWAPS_AXES = (5, 6, 7, 8)
 # are the sequential 8-bit frames nvJPEG's batched decoder takes.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _SEQUENTIAL = (0xC0, 0xC1)
+_PROGRESSIVE_HUFFMAN = 0xC2
+# A marker at a segment's start: 0xFF (fill bytes allowed), then its code.
+_MARKER = re.compile(rb"\xff+[^\x00\xff]")
 
 
 # --------------------------------------------------------------------------- header
@@ -140,6 +146,116 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
     marker, precision, size, components = sofs[0]
     complete = data[-64:].rstrip(b"\0")[-2:] == b"\xff\xd9"  # a little zero padding is common
     return JpegFrame(marker, precision, size, components, len(sofs), complete)
+
+
+def dc_scans(data: bytes) -> bytes | None:
+    """A progressive JPEG with its AC coefficients left out: everything decoding at 1/8 scale reads.
+
+    At 1/8 scale libjpeg computes each pixel from its block's DC coefficient alone, and a
+    progressive JPEG sends the DC coefficients in scans of their own (a first scan, perhaps a
+    refinement), ahead of and apart from the AC scans that hold most of the bytes and most of the
+    entropy-decoding time. Every marker segment but the AC scans (``Ss > 0``) is kept, in order,
+    and one AC scan per component that codes every block as all-zero (a few bytes of end-of-band
+    runs) stands in for them: the decoder then sees every coefficient as known and does not
+    smooth the blocks (libjpeg-turbo estimates missing AC coefficients, and even retouches DC
+    ones, from neighbouring blocks), so the result decodes at 1/8 scale to the same pixels as the
+    whole file.
+
+    Returns:
+        The shortened JPEG, or None where the markers cannot be walked to the end-of-image marker,
+        the frame uses restart intervals, or there is no AC scan to leave out (the caller then
+        decodes ``data`` as it is, and a truncated or damaged file fails as it would have).
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    # Where entropy-coded data may stop, found at once (numpy): 0xFF followed by neither a stuffed
+    # 0x00, a restart marker (both belong to the scan) nor a fill byte.
+    buf = np.frombuffer(data, np.uint8)
+    ffs = np.flatnonzero(buf[:-1] == 0xFF)
+    code = buf[ffs + 1]
+    stops = ffs[(code != 0x00) & (code != 0xFF) & ((code < 0xD0) | (code > 0xD7))]
+    parts, pos, end, dropped, frame = [data[:2]], 2, len(data), False, None
+    while pos < end:
+        found = _MARKER.match(data, pos)
+        if found is None:
+            return None
+        start, pos, code = pos, found.end(), data[found.end() - 1]
+        if code == 0xD9:  # end of image
+            if not dropped or frame is None:
+                return None
+            return b"".join([*parts, *_zero_ac_scans(*frame), b"\xff\xd9"])
+        if code == 0x01 or 0xD0 <= code <= 0xD8 or pos + 2 > end:
+            return None  # no standalone marker belongs between segments
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2 or pos + length > end:
+            return None
+        segment = data[pos + 2 : pos + length]
+        if code == 0xDD and length >= 4 and int.from_bytes(segment[:2], "big"):
+            return None  # restart intervals: the stand-in scans would need restart markers
+        if code == _PROGRESSIVE_HUFFMAN and len(segment) >= 6 and len(segment) >= 6 + 3 * segment[5]:
+            height, width = struct.unpack(">HH", segment[1:5])
+            frame = (width, height, [tuple(segment[6 + 3 * i : 9 + 3 * i]) for i in range(segment[5])])
+        if code != 0xDA:  # tables, frame header, APPn, comments: kept as they are
+            parts.append(data[start : pos + length])
+            pos += length
+            continue
+        # SOS: Ns, Ns x (Cs, Td/Ta), Ss, Se, Ah/Al, then the entropy-coded data.
+        if len(segment) < 4 or len(segment) < 4 + 2 * segment[0]:
+            return None
+        at = int(np.searchsorted(stops, pos + length))
+        if at == len(stops):
+            return None
+        if frame is None:
+            return None
+        # Ss = 0: a DC scan. An AC scan of a subsampled component is kept too: libjpeg decodes
+        # such a component at a larger DCT scale (2x2 for 4:2:0 chroma) rather than upsample it,
+        # and that reads its first AC coefficients.
+        full = _max_sampling(frame[2])
+        scanned = {segment[1 + 2 * i] for i in range(segment[0])}
+        if segment[1 + 2 * segment[0]] == 0 or any(
+                (c[1] >> 4, c[1] & 15) != full for c in frame[2] if c[0] in scanned):
+            parts.append(data[start : int(stops[at])])
+        else:
+            dropped = True
+        pos = int(stops[at])
+    return None
+
+
+# The stand-in AC scans' Huffman table (AC class, table 0): the 15 end-of-band-run symbols
+# EOB0..EOB14 (0x00, 0x10, ... 0xE0), 4 bits each, codes 0000..1110.
+_ZERO_AC_TABLE = b"\xff\xc4" + (3 + 16 + 15).to_bytes(2, "big") + b"\x10" + bytes([0, 0, 0, 15] + [0] * 12) + bytes(
+    range(0x00, 0xF0, 0x10))
+_EOB_RUN_MAX = (1 << 15) - 1  # EOB14 with 14 extra bits
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _max_sampling(components: list[tuple[int, ...]]) -> tuple[int, int]:
+    return max(c[1] >> 4 for c in components), max(c[1] & 15 for c in components)
+
+
+def _zero_ac_scans(width: int, height: int, components: list[tuple[int, ...]]) -> list[bytes]:
+    """A DHT and, per full-resolution component, one AC scan (coefficients 1-63, full precision)
+    in which every block is all zero: end-of-band runs over the component's blocks."""
+    hmax, vmax = _max_sampling(components)
+    out = [_ZERO_AC_TABLE]
+    for ident, sampling, _table in components:
+        if sampling != (hmax << 4 | vmax):
+            continue  # a subsampled component keeps its own AC scans
+        bits, nbits, blocks = 0, 0, _ceil_div(width, 8) * _ceil_div(height, 8)
+        while blocks:
+            run = min(blocks, _EOB_RUN_MAX)
+            blocks -= run
+            n = run.bit_length() - 1
+            bits = (bits << (4 + n)) | (n << n) | (run - (1 << n))  # symbol n's code is n, then n bits
+            nbits += 4 + n
+        pad = -nbits % 8
+        raw = ((bits << pad) | ((1 << pad) - 1)).to_bytes((nbits + pad) // 8, "big")
+        sos = b"\xff\xda\x00\x08\x01" + bytes([ident, 0x00, 1, 63, 0x00])
+        out.append(sos + raw.replace(b"\xff", b"\xff\x00"))
+    return out
 
 
 @dataclass
@@ -345,6 +461,8 @@ def decode_pixels(source: ImageSource, need: tuple[int, int] | None = None) -> P
             drafted = image.draft(None, want)
             if drafted is not None and drafted[1][2:] != tuple(map(float, image.size)):
                 box = drafted[1]
+            if drafted is not None:
+                image = _dc_only(source, image, want)
         image.load()
         orientation = source.orientation if source.orientation is not None else _orientation(image)
         method = _TRANSPOSE.get(orientation)
@@ -362,6 +480,26 @@ def decode_pixels(source: ImageSource, need: tuple[int, int] | None = None) -> P
     size = source.size if source.orientation is not None else (
         swapped(source.stored_size, orientation))
     return Photo(rgb, size, box)
+
+
+def _dc_only(source: ImageSource, image: Image.Image, want: tuple[int, int]) -> Image.Image:
+    """For a progressive JPEG drafted to 1/8 scale: the same image opened from its DC scans alone
+    (:func:`dc_scans`), which decode to the same pixels without the AC scans' entropy decoding.
+    ``image`` itself otherwise."""
+    frame = source.jpeg
+    stored = source.stored_size
+    if (frame is None or frame.marker != _PROGRESSIVE_HUFFMAN or not frame.complete
+            or image.size != (-(-stored[0] // 8), -(-stored[1] // 8))):
+        return image
+    short = dc_scans(source.data)
+    if short is None:
+        return image
+    dc_image = Image.open(io.BytesIO(short), formats=("JPEG",))
+    dc_image.draft(None, want)
+    if dc_image.size != image.size or dc_image.mode != image.mode:
+        dc_image.close()
+        return image
+    return dc_image
 
 
 def decode_image(data: bytes, limits: CodecLimits) -> Image.Image:

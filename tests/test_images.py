@@ -32,6 +32,7 @@ from handler.images import (
     Photo,
     _oriented_box,
     cover_size,
+    dc_scans,
     decode_image,
     decode_pixels,
     device_refusal,
@@ -360,6 +361,71 @@ def test_dct_scaling_decodes_a_fraction_and_resizes_like_the_full_decode(camera,
     # A larger need gets a larger scale: a 512-px overlay frame needs at least 512 x 256.
     assert decode_pixels(open_image(data, LIMITS), (512, 256)).pixels.size == (1008, 504)
     assert decode_pixels(open_image(data, LIMITS), (2016, 1008)).pixels.size == (2016, 1008)
+
+
+def _without_dc_path(monkeypatch, data: bytes, need: tuple[int, int]) -> Photo:
+    import handler.images
+
+    with monkeypatch.context() as patch:
+        patch.setattr(handler.images, "_dc_only", lambda source, image, want: image)
+        return decode_pixels(open_image(data, LIMITS), need)
+
+
+def _progressive_cases(camera: Image.Image) -> dict[str, bytes]:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    odd = camera.resize((2017, 1009))
+    return {
+        "4:2:0": _encode(camera, "JPEG", quality=92, progressive=True),
+        "4:2:0, quality 60, optimized": _encode(camera, "JPEG", quality=60, progressive=True, optimize=True),
+        "4:2:2": _encode(camera, "JPEG", quality=90, progressive=True, subsampling=1),
+        "4:4:4": _encode(camera, "JPEG", quality=90, progressive=True, subsampling=0),
+        "gray": _encode(camera.convert("L"), "JPEG", quality=90, progressive=True),
+        "CMYK": _encode(camera.convert("CMYK"), "JPEG", quality=90, progressive=True),
+        "EXIF-rotated, odd size": _encode(odd, "JPEG", quality=90, progressive=True, exif=exif.tobytes()),
+    }
+
+
+def test_a_progressive_jpeg_at_one_eighth_decodes_from_its_dc_scans_to_the_same_pixels(camera, monkeypatch):
+    """At 1/8 scale only DC coefficients (and subsampled chroma's first AC ones) are read: the
+    progressive JPEG is decoded without its other AC scans, to exactly the pixels of the whole
+    file, whatever its subsampling, colour space or orientation."""
+    import handler.images
+
+    shortened = []
+    monkeypatch.setattr(handler.images, "dc_scans", lambda data: shortened.append(dc_scans(data)) or shortened[-1])
+    for name, data in _progressive_cases(camera).items():
+        got = decode_pixels(open_image(data, LIMITS), (120, 120))  # 1/8 of 2016x1008 covers it
+        assert shortened and shortened.pop() is not None and not shortened, name  # taken once
+        assert len(dc_scans(data)) < len(data) / 2, name
+        want = _without_dc_path(monkeypatch, data, (120, 120))
+        assert got.pixels.size == want.pixels.size and max(got.pixels.size) <= 253, name  # 1/8 scale
+        assert (got.size, got.box) == (want.size, want.box), name
+        np.testing.assert_array_equal(np.asarray(got.pixels), np.asarray(want.pixels), err_msg=name)
+
+
+def test_the_dc_path_is_taken_only_where_it_is_exact(camera, monkeypatch):
+    import handler.images
+
+    progressive = _encode(camera, "JPEG", quality=92, progressive=True)
+    calls = []
+    real = handler.images.dc_scans
+    monkeypatch.setattr(handler.images, "dc_scans", lambda data: calls.append(1) or real(data))
+    # A larger scale reads AC coefficients: the whole file is decoded.
+    assert decode_pixels(open_image(progressive, LIMITS), (512, 256)).pixels.size == (1008, 504)
+    # Baseline JPEGs hold every coefficient in one scan: nothing to leave out.
+    assert dc_scans(_encode(camera, "JPEG", quality=92)) is None
+    decode_pixels(open_image(_encode(camera, "JPEG", quality=92), LIMITS), (224, 224))
+    assert calls == []
+    # Restart intervals: the stand-in scans would need restart markers, so no short cut.
+    restarts = _encode(camera, "JPEG", quality=92, progressive=True, restart_marker_blocks=4)
+    assert dc_scans(restarts) is None
+    np.testing.assert_array_equal(np.asarray(decode_pixels(open_image(restarts, LIMITS), (120, 120)).pixels),
+                                  np.asarray(_without_dc_path(monkeypatch, restarts, (120, 120)).pixels))
+    # A truncated progressive JPEG fails as it did: the short cut never hides missing data.
+    with pytest.raises(InvalidInput, match="corrupt or truncated"):
+        decode_pixels(open_image(progressive[: len(progressive) * 2 // 3], LIMITS), (120, 120))
+    assert dc_scans(progressive[: len(progressive) * 2 // 3]) is None
 
 
 def test_an_odd_sized_jpeg_keeps_its_exact_extent(camera):
