@@ -489,15 +489,19 @@ def _dc_only(source: ImageSource, image: Image.Image, want: tuple[int, int]) -> 
     frame = source.jpeg
     stored = source.stored_size
     if (frame is None or frame.marker != _PROGRESSIVE_HUFFMAN or not frame.complete
-            or image.size != (-(-stored[0] // 8), -(-stored[1] // 8))):
+            or image.size != (_ceil_div(stored[0], 8), _ceil_div(stored[1], 8))):
         return image
-    short = dc_scans(source.data)
-    if short is None:
-        return image
-    dc_image = Image.open(io.BytesIO(short), formats=("JPEG",))
-    dc_image.draft(None, want)
-    if dc_image.size != image.size or dc_image.mode != image.mode:
-        dc_image.close()
+    try:
+        short = dc_scans(source.data)
+        if short is None:
+            return image
+        dc_image = Image.open(io.BytesIO(short), formats=("JPEG",))
+        dc_image.draft(None, want)
+        if dc_image.size != image.size or dc_image.mode != image.mode:
+            return image
+        dc_image.load()
+    except _DECODE_ERRORS as exc:  # never worse than the whole file: decode that instead
+        _logger.warning("decoding a progressive JPEG from its DC scans failed (%s); decoding it whole", exc)
         return image
     return dc_image
 

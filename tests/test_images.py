@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import struct
 import warnings
 from pathlib import Path
@@ -404,7 +405,7 @@ def test_a_progressive_jpeg_at_one_eighth_decodes_from_its_dc_scans_to_the_same_
         np.testing.assert_array_equal(np.asarray(got.pixels), np.asarray(want.pixels), err_msg=name)
 
 
-def test_the_dc_path_is_taken_only_where_it_is_exact(camera, monkeypatch):
+def test_the_dc_path_is_taken_only_where_it_is_exact(camera, monkeypatch, caplog):
     import handler.images
 
     progressive = _encode(camera, "JPEG", quality=92, progressive=True)
@@ -426,6 +427,13 @@ def test_the_dc_path_is_taken_only_where_it_is_exact(camera, monkeypatch):
     with pytest.raises(InvalidInput, match="corrupt or truncated"):
         decode_pixels(open_image(progressive[: len(progressive) * 2 // 3], LIMITS), (120, 120))
     assert dc_scans(progressive[: len(progressive) * 2 // 3]) is None
+    # Should the shortened file fail to decode, the whole file is decoded instead, after a warning.
+    monkeypatch.setattr(handler.images, "dc_scans", lambda data: data[: len(data) // 20])
+    with caplog.at_level(logging.WARNING, logger="handler.images"):
+        photo = decode_pixels(open_image(progressive, LIMITS), (120, 120))
+    np.testing.assert_array_equal(np.asarray(photo.pixels),
+                                  np.asarray(_without_dc_path(monkeypatch, progressive, (120, 120)).pixels))
+    assert "decoding it whole" in caplog.text
 
 
 def test_an_odd_sized_jpeg_keeps_its_exact_extent(camera):
