@@ -17,6 +17,7 @@ examples:
 
   # camera photos (12 MP JPEGs made from tests/data by scripts/camera_photos.py)
   .venv/bin/python scripts/loadtest.py --camera --users 8
+  .venv/bin/python scripts/loadtest.py --camera --users 8 --body raw   # as raw bodies, options as headers
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def markdown(report: dict) -> str:
     lat = report["latency_ms"]
     dist = report["batch_size_distribution"]
     lines = [
-        f"# Load test: {report['model']} ({report['route']}, outputs={report['outputs']})", "",
+        f"# Load test: {report['model']} ({report['route']}, outputs={report['outputs']}, {report['body']} body)", "",
         f"{report['users']} users, {report['duration_s']} s, images: {', '.join(report['images'])}", "",
         "| requests | req/s | p50 ms | p90 ms | p99 ms | max ms | errors |",
         "| --- | --- | --- | --- | --- | --- | --- |",
