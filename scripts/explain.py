@@ -399,7 +399,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     server.add_argument("--token", default=None,
                         help="inference token (default: $GRADCAM_TOKEN, else key_file.json in the repo root, "
                              "which `make serve` writes; '' sends none)")
-    opts = p.add_argument_group("request options (sent as multipart fields; unset ones take the archive's defaults)")
+    opts = p.add_argument_group("request options (sent as headers, or multipart fields where a value does not fit "
+                                "a header; unset ones take the archive's defaults)")
     opts.add_argument("--topk", type=_positive, default=None, help="predictions to return (server default 5)")
     opts.add_argument("--cam-classes", default=None,
                       help="top1, topN, none, or a comma list of class ids/labels, e.g. '285,tabby' (default top1)")

@@ -174,6 +174,9 @@ def test_wrong_token_unreachable_server_unknown_model_and_bad_option_stop_at_onc
                  "does not serve the model 'nosuch' (ModelNotFoundException: Model not found: nosuch)")
     _one_message(explain(*good, "--url", server.url, "--token", server.token, "--cam-classes", "unicorn"),
                  "the server refused an option: invalid_option (cam_classes): unknown class name 'unicorn'")
+    # A value no header carries goes as a multipart field, and reaches the server as it was.
+    _one_message(explain(*good, "--url", server.url, "--token", server.token, "--cam-classes", "licorne ä"),
+                 "the server refused an option: invalid_option (cam_classes): unknown class name 'licorne ä'")
 
 
 # ---------------------------------------------------------------------------- a server that answers 503
@@ -331,3 +334,16 @@ def test_a_token_that_starts_with_a_dash_is_taken_as_the_token(script, rest):
     assert module.parse_args(["--token", "-EEQWSl", *rest]).token == "-EEQWSl"
     assert module.parse_args([*rest, "--token=--x"]).token == "--x"
     assert module.parse_args([*rest, "--token", ""]).token == ""
+
+
+def test_the_client_sends_raw_bodies_and_falls_back_to_a_form_for_values_no_header_carries():
+    from camclient import Client
+
+    client = Client("http://127.0.0.1:1", "m", "tok", retries=0, timeout=1)
+    raw = client._body(Path("cat.jpg"), b"JPEG", {"topk": "3", "cam_classes": "285,tabby"})
+    assert raw == {"data": b"JPEG", "headers": {"Authorization": "Bearer tok", "topk": "3", "cam_classes": "285,tabby",
+                                                "Content-Type": "application/octet-stream"}}
+    for value in ("Ägyptische Katze", "a\nb", " top1"):
+        form = client._body(Path("cat.jpg"), b"JPEG", {"cam_classes": value})
+        assert form == {"files": {"image": ("cat.jpg", b"JPEG")}, "data": {"cam_classes": value},
+                        "headers": {"Authorization": "Bearer tok"}}, value
