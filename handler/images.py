@@ -194,7 +194,10 @@ def dc_scans(data: bytes) -> bytes | None:
             return None  # restart intervals: the stand-in scans would need restart markers
         if code == _PROGRESSIVE_HUFFMAN and len(segment) >= 6 and len(segment) >= 6 + 3 * segment[5]:
             height, width = struct.unpack(">HH", segment[1:5])
-            frame = (width, height, [tuple(segment[6 + 3 * i : 9 + 3 * i]) for i in range(segment[5])])
+            sampling = {segment[6 + 3 * i]: segment[7 + 3 * i] for i in range(segment[5])}
+            hmax, vmax = max(v >> 4 for v in sampling.values()), max(v & 15 for v in sampling.values())
+            # (width, height, the components at full resolution): the AC scans that can go
+            frame = (width, height, [c for c, v in sampling.items() if v == (hmax << 4 | vmax)])
         if code != 0xDA:  # tables, frame header, APPn, comments: kept as they are
             parts.append(data[start : pos + length])
             pos += length
@@ -210,10 +213,8 @@ def dc_scans(data: bytes) -> bytes | None:
         # Ss = 0: a DC scan. An AC scan of a subsampled component is kept too: libjpeg decodes
         # such a component at a larger DCT scale (2x2 for 4:2:0 chroma) rather than upsample it,
         # and that reads its first AC coefficients.
-        full = _max_sampling(frame[2])
         scanned = {segment[1 + 2 * i] for i in range(segment[0])}
-        if segment[1 + 2 * segment[0]] == 0 or any(
-                (c[1] >> 4, c[1] & 15) != full for c in frame[2] if c[0] in scanned):
+        if segment[1 + 2 * segment[0]] == 0 or not scanned <= set(frame[2]):
             parts.append(data[start : int(stops[at])])
         else:
             dropped = True
@@ -232,18 +233,11 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _max_sampling(components: list[tuple[int, ...]]) -> tuple[int, int]:
-    return max(c[1] >> 4 for c in components), max(c[1] & 15 for c in components)
-
-
-def _zero_ac_scans(width: int, height: int, components: list[tuple[int, ...]]) -> list[bytes]:
-    """A DHT and, per full-resolution component, one AC scan (coefficients 1-63, full precision)
-    in which every block is all zero: end-of-band runs over the component's blocks."""
-    hmax, vmax = _max_sampling(components)
+def _zero_ac_scans(width: int, height: int, components: list[int]) -> list[bytes]:
+    """A DHT and, per full-resolution component (by id), one AC scan (coefficients 1-63, full
+    precision) in which every block is all zero: end-of-band runs over the component's blocks."""
     out = [_ZERO_AC_TABLE]
-    for ident, sampling, _table in components:
-        if sampling != (hmax << 4 | vmax):
-            continue  # a subsampled component keeps its own AC scans
+    for ident in components:
         bits, nbits, blocks = 0, 0, _ceil_div(width, 8) * _ceil_div(height, 8)
         while blocks:
             run = min(blocks, _EOB_RUN_MAX)

@@ -122,3 +122,24 @@ def peak(grid: list[list[float]]) -> tuple[int, int]:
     flat = [(v, r, c) for r, row in enumerate(grid) for c, v in enumerate(row)]
     _, r, c = max(flat)
     return r, c
+
+
+def encode_image(image, fmt: str = "PNG", **params) -> bytes:
+    """A Pillow image encoded in ``fmt`` (save parameters as Pillow takes them)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def png() -> bytes:
+    """An 8x6 PNG, red but for one pixel (10, 20, 30) at (3, 2)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((6, 8, 3), dtype=np.uint8)
+    pixels[..., 0] = 200
+    pixels[2, 3] = (10, 20, 30)
+    return encode_image(Image.fromarray(pixels))

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from handler.codec import (
     CAM_METHODS,
@@ -43,18 +40,6 @@ NUM_CLASSES = len(LABELS)
 LIMITS = CodecLimits()
 
 
-def _encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **params)
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def png() -> bytes:
-    pixels = np.zeros((6, 8, 3), dtype=np.uint8)
-    pixels[..., 0] = 200
-    pixels[2, 3] = (10, 20, 30)
-    return _encode(Image.fromarray(pixels))
 
 
 @pytest.fixture

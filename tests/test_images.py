@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import encode_image as _encode
 from PIL import Image, ImageFile, ImageOps
 
 from handler.codec import CodecLimits, extract_request
@@ -45,20 +46,6 @@ from handler.render import image_pixels
 DATA = Path(__file__).parent / "data"
 LIMITS = CodecLimits()
 BICUBIC = Image.Resampling.BICUBIC
-
-
-def _encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **params)
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def png() -> bytes:
-    pixels = np.zeros((6, 8, 3), dtype=np.uint8)
-    pixels[..., 0] = 200
-    pixels[2, 3] = (10, 20, 30)
-    return _encode(Image.fromarray(pixels))
 
 
 # --- decode_image ----------------------------------------------------------------------------
