@@ -70,11 +70,16 @@ _EPS = 1e-7
 
 
 def _make_leaf(store: dict, output) -> Tensor:
-    """The layer's output made a leaf that requires grad, kept in ``store``; a clone goes on."""
+    """The layer's output made a leaf that requires grad, kept in ``store``; a clone goes on.
+
+    The backbone below the layer runs with grad off (:func:`_forward`); it is switched on here,
+    for the head above the layer, and :func:`_forward` switches it back when the model returns.
+    """
     if not isinstance(output, Tensor):
         raise TypeError(f"target layer outputs {type(output).__name__}, not a tensor")
     if "activation" in store:
         raise RuntimeError("target layer runs more than once per forward: choose a module used once")
+    torch.set_grad_enabled(True)
     leaf = output.detach().requires_grad_(True)
     store["activation"] = leaf
     return leaf.clone()
@@ -181,7 +186,10 @@ def _forward(model: nn.Module, layer: nn.Module, x: Tensor, autocast: torch.dtyp
              capture: LeafCapture | None = None) -> CamPass:
     store: dict = {}
     leaf_at = _leaf_at(layer, store) if capture is None else _captured_by(capture, store)
-    with torch.inference_mode(False), torch.enable_grad(), leaf_at:
+    # Grad is off below the target layer and on above it (the leaf switches it on): a compiled
+    # backbone is then an inference graph, which inductor can freeze (handler.compiled);
+    # ``no_grad`` puts the caller's grad mode back on the way out.
+    with torch.inference_mode(False), torch.no_grad(), leaf_at:
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             logits = model(x)
     if "activation" not in store:

@@ -1,8 +1,9 @@
 """The compiled Grad-CAM pass: ``torch.compile`` of the served model, batch sizes without recompiles.
 
 ``torch.compile`` traces through the target layer's forward hook; the graph breaks where the
-hook makes the activation a leaf, so the backbone below the layer compiles as an inference graph
-and the head above it as a forward-and-backward graph that ``torch.autograd.grad`` runs. The maps
+hook makes the activation a leaf, so the backbone below the layer, which runs with grad off,
+compiles as an inference graph (frozen by default: weights folded in as constants) and the head
+above it as a forward-and-backward graph that ``torch.autograd.grad`` runs. The maps
 equal the eager engine's (tests/test_compiled.py).
 
 TorchServe hands the handler batches of 1..``batchSize`` requests. Each new batch size would
@@ -73,6 +74,25 @@ def cache_dir(configured: str = "") -> str | None:
     return folder if os.access(folder, os.W_OK) else None
 
 
+class _Frozen(torch.nn.Module):
+    """A compiled model whose graphs inductor compiles with ``freezing`` on.
+
+    Freezing is read while dynamo traces (parameters become graph constants instead of inputs),
+    not only by inductor, so it cannot go in ``torch.compile``'s options; it is switched on
+    around each call instead, and nowhere else in the process.
+    """
+
+    def __init__(self, compiled: torch.nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
+
+
 def _graph_count() -> int:
     """Graphs dynamo has compiled in this process so far."""
     from torch._dynamo.utils import counters
@@ -90,10 +110,14 @@ class CompiledPass:
         backend: ``torch.compile`` backend.
         mode: ``torch.compile`` mode (``None``/``""`` for the default).
         cache: inductor's cache folder; empty for :func:`cache_dir`'s default.
+        freeze: inductor only: fold the weights into the backbone's graph as constants (conv
+            weights pre-packed for the CPU's kernels, batch norms folded) instead of reading them
+            as inputs on every call. The graph above the target layer trains (it is
+            differentiated) and is never frozen.
     """
 
     def __init__(self, engine, batch_size: int, batch_mode: str = "buckets", backend: str = "inductor",
-                 mode: str | None = None, cache: str = "") -> None:
+                 mode: str | None = None, cache: str = "", freeze: bool = True) -> None:
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {', '.join(BATCH_MODES)}, not '{batch_mode}'")
         folder = cache_dir(cache)
@@ -121,6 +145,9 @@ class CompiledPass:
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
         engine.model = torch.compile(engine.model, backend=backend, mode=mode or None, dynamic=False)
+        self.frozen = freeze and backend == "inductor"
+        if self.frozen:
+            engine.model = _Frozen(engine.model)
         engine.batch_buckets = self.sizes if batch_mode == "buckets" else None
         engine.dynamic_batch = batch_mode == "dynamic"
         self.active = True

@@ -51,6 +51,9 @@ class ServeConfig:
             ``max-autotune`` on GPUs).
         compile_batch: ``buckets`` (pad batches to powers of two) or ``dynamic`` (the batch
             dimension marked dynamic): the graphs every batch size needs, compiled at load.
+        compile_freeze: inductor: freeze the backbone below the target layer (weights folded in
+            as constants, conv weights pre-packed for the CPU's kernels); costs a second copy of
+            the weights in memory.
         compile_cache_dir: inductor's cache folder (empty: ``~/.cache/gradcam-serve/inductor``,
             shared by every worker and server of the user, so restarts load compiled kernels).
         tuning: what the archiver measured when it resolved ``auto`` (informational).
@@ -100,6 +103,7 @@ class ServeConfig:
     compile_mode: str = ""
     compile_batch: str = "buckets"
     compile_cache_dir: str = ""
+    compile_freeze: bool = True
     tuning: dict = field(default_factory=dict)
     batched_targets: bool = True
     topk: int = 5
@@ -196,6 +200,7 @@ class ServeConfig:
         for key in ("compile_backend", "compile_mode", "compile_cache_dir"):
             _check(isinstance(getattr(self, key), str), key, "a string")
         _check(bool(self.compile_backend), "compile_backend", "a torch.compile backend name")
+        _check(isinstance(self.compile_freeze, bool), "compile_freeze", "true or false")
         _check(isinstance(self.tuning, dict), "tuning", "a mapping")
         for key in ("malloc_mmap_threshold_mib", "malloc_trim_threshold_mib"):
             value = getattr(self, key)

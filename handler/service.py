@@ -169,7 +169,7 @@ class GradCamHandler:
         started = time.perf_counter()
         try:
             compiled = CompiledPass(self.engine, batch_size, config.compile_batch, config.compile_backend,
-                                    config.compile_mode, config.compile_cache_dir)
+                                    config.compile_mode, config.compile_cache_dir, config.compile_freeze)
         except Exception as exc:  # compiling must never stop a load: serve eager
             logger.warning("torch.compile could not be set up (%s: %s); serving the eager model",
                            type(exc).__name__, exc)
@@ -181,8 +181,9 @@ class GradCamHandler:
         if not compiled.active:
             self.engine.batched_targets = batched_targets
             return None
-        logger.info("compiled %s (%s, %s) for batch sizes %s in %.1f s (%s); kernel cache %s", config.model,
-                    config.compile_backend, config.compile_mode or "default mode", "/".join(map(str, compiled.sizes)),
+        logger.info("compiled %s (%s, %s%s) for batch sizes %s in %.1f s (%s); kernel cache %s", config.model,
+                    config.compile_backend, config.compile_mode or "default mode",
+                    ", backbone frozen" if compiled.frozen else "", "/".join(map(str, compiled.sizes)),
                     time.perf_counter() - started, ", ".join(f"{n}: {s:.1f} s" for n, s in seconds.items()),
                     compiled.cache or "inductor's default")
         return compiled

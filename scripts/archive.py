@@ -417,6 +417,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fast.add_argument("--compile-batch", choices=COMPILE_BATCH_MODES, default="buckets",
                       help="buckets: pad batches to powers of two; dynamic: mark the batch size dynamic "
                            "(default: %(default)s)")
+    fast.add_argument("--compile-freeze", action=argparse.BooleanOptionalAction, default=True,
+                      help="inductor: freeze the backbone below the target layer (weights folded in as constants, "
+                           "conv weights pre-packed; a second copy of the weights in memory) (default: on)")
     fast.add_argument("--compile-cache-dir", default="",
                       help="inductor's cache folder on the server (default: ~/.cache/gradcam-serve/inductor, "
                            "shared by its workers, so a restarted worker loads its compiled kernels)")
@@ -525,6 +528,7 @@ def run(args: argparse.Namespace) -> int:
             "channels_last": args.channels_last, "compile": args.compile,
             "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
             "compile_batch": args.compile_batch, "compile_cache_dir": args.compile_cache_dir,
+            "compile_freeze": args.compile_freeze,
             "topk": args.topk or min(5, num_classes),
             "cam_classes": args.cam_classes,
             "cam_method": args.cam_method, "outputs": args.outputs, "max_side": args.max_side,

@@ -14,8 +14,10 @@ alike; the table reports the median round.
     engine_bf16        the same under bf16 autocast
     engine_channels_last   the engine, channels-last memory format
     engine_compiled        the engine with its model torch.compile'd (inductor), as a worker with
-                           compile on serves it (handler.compiled; compiled in the warm-up)
+                           compile on serves it (handler.compiled; compiled in the warm-up): the
+                           backbone below the target layer frozen (weights as constants)
     engine_compiled_cl     compiled and channels-last
+    engine_compiled_cl_unfrozen   the same without freezing (compile_freeze false)
     pytorch-grad-cam   GradCAM, targets=None (top-1 from its own forward); for token and
                        channels-last layers with the matching reshape_transform
     captum             LayerGradCam (+ one extra inference forward for the top-5 and targets)
@@ -74,11 +76,11 @@ from handler.layouts import auto_target  # noqa: E402
 log = logging.getLogger("bench_cam")
 
 ROWS = ("plain", "engine_fp32", "engine_bf16", "engine_channels_last", "engine_compiled", "engine_compiled_cl",
-        "pytorch-grad-cam", "captum", "torchcam")
+        "engine_compiled_cl_unfrozen", "pytorch-grad-cam", "captum", "torchcam")
 # Engine rows on their own copy of the model (channels_last converts its parameters) and their
-# options: (channels_last, torch.compile).
-_ENGINE_VARIANTS = {"engine_channels_last": (True, False), "engine_compiled": (False, True),
-                    "engine_compiled_cl": (True, True)}
+# options: (channels_last, torch.compile, inductor freezing of the backbone).
+_ENGINE_VARIANTS = {"engine_channels_last": (True, False, False), "engine_compiled": (False, True, True),
+                    "engine_compiled_cl": (True, True, True), "engine_compiled_cl_unfrozen": (True, True, False)}
 # Library rows: (distribution, import name).
 _LIBRARIES = {"pytorch-grad-cam": ("grad-cam", "pytorch_grad_cam"), "captum": ("captum", "captum"),
               "torchcam": ("torchcam", "torchcam")}
@@ -216,14 +218,14 @@ def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
         if row in wanted:
             engines[row] = CamEngine(model, layer_name, device=device, input_size=tuple(x.shape[2:]),
                                      precision=precision)
-    for row, (channels_last, compiled) in _ENGINE_VARIANTS.items():
+    for row, (channels_last, compiled, freeze) in _ENGINE_VARIANTS.items():
         if row in wanted:
             engines[row] = CamEngine(copy.deepcopy(model), layer_name, device=device, precision=variant_precision,
                                      input_size=tuple(x.shape[2:]), channels_last=channels_last)
             if compiled:
                 engines[row].batched_targets = False
                 # Compiles on the warm-up call, at this batch size.
-                CompiledPass(engines[row], n, mode=compile_mode or None)
+                CompiledPass(engines[row], n, mode=compile_mode or None, freeze=freeze)
     layer = dict(model.named_modules())[layer_name]
     reshape = None if layout.kind == "nchw" else layout.to_nchw
     if layout.kind != "nchw":

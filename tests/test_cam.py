@@ -324,6 +324,40 @@ def test_hooks_removed_and_flags_restored_when_forward_raises():
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_autograd_records_only_the_head_and_the_callers_grad_mode_comes_back(grad_mode):
+    """Grad is off below the target layer (a compiled backbone is then an inference graph that
+    inductor can freeze) and on above it, whatever the caller had; the caller's mode returns,
+    also when the forward raises."""
+    seen = {}
+
+    class Probe(nn.Module):
+        def __init__(self, where):
+            super().__init__()
+            self.where = where
+
+        def forward(self, x):
+            seen[self.where] = torch.is_grad_enabled()
+            return x
+
+    model = _tiny()
+    model.stem.append(Probe("below"))
+    model.fc = nn.Sequential(Probe("above"), model.fc)
+    engine = CamEngine(model, "body", input_size=(16, 16))
+    with torch.set_grad_enabled(grad_mode):
+        cam_pass = engine.forward(torch.randn(2, 3, 16, 16))
+        assert torch.is_grad_enabled() is grad_mode
+    assert seen == {"below": False, "above": True}
+    assert cam_pass.activation.requires_grad and cam_pass.activation.grad_fn is None
+    assert cam_pass.logits.grad_fn is not None
+    failing = CamEngine(_tiny(), "body", input_size=(16, 16))
+    failing.model.raise_after_body = True
+    with torch.set_grad_enabled(grad_mode):
+        with pytest.raises(RuntimeError, match="boom after the target layer"):
+            failing.forward(torch.randn(1, 3, 16, 16))
+        assert torch.is_grad_enabled() is grad_mode
+
+
 def test_inplace_relu_after_target_layer():
     inplace = _tiny(inplace=True)
     plain = copy.deepcopy(inplace)
