@@ -52,8 +52,9 @@ class ServeConfig:
         compile_batch: ``buckets`` (pad batches to powers of two) or ``dynamic`` (the batch
             dimension marked dynamic): the graphs every batch size needs, compiled at load.
         compile_freeze: inductor: freeze the backbone below the target layer (weights folded in
-            as constants, conv weights pre-packed for the CPU's kernels); costs a second copy of
-            the weights in memory.
+            as constants, conv weights pre-packed for the CPU's kernels): ``on``, ``off``, or
+            ``auto`` (resolved by the archiver like ``channels_last``: kept where it is 5% faster,
+            since a frozen worker restarts slower). Costs a second copy of the weights in memory.
         compile_cache_dir: inductor's cache folder (empty: ``~/.cache/gradcam-serve/inductor``,
             shared by every worker and server of the user, so restarts load compiled kernels).
         tuning: what the archiver measured when it resolved ``auto`` (informational).
@@ -103,7 +104,7 @@ class ServeConfig:
     compile_mode: str = ""
     compile_batch: str = "buckets"
     compile_cache_dir: str = ""
-    compile_freeze: bool = True
+    compile_freeze: str = "off"
     tuning: dict = field(default_factory=dict)
     batched_targets: bool = True
     topk: int = 5
@@ -190,7 +191,7 @@ class ServeConfig:
             setattr(self, key, [float(v) for v in value])
         _check(all(v > 0 for v in self.std), "std", "positive")
         _check(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
-        for key in ("channels_last", "compile"):  # archives before these were switches held booleans
+        for key in ("channels_last", "compile", "compile_freeze"):  # once booleans
             value = getattr(self, key)
             if isinstance(value, bool):
                 setattr(self, key, "on" if value else "off")
@@ -200,7 +201,6 @@ class ServeConfig:
         for key in ("compile_backend", "compile_mode", "compile_cache_dir"):
             _check(isinstance(getattr(self, key), str), key, "a string")
         _check(bool(self.compile_backend), "compile_backend", "a torch.compile backend name")
-        _check(isinstance(self.compile_freeze, bool), "compile_freeze", "true or false")
         _check(isinstance(self.tuning, dict), "tuning", "a mapping")
         for key in ("malloc_mmap_threshold_mib", "malloc_trim_threshold_mib"):
             value = getattr(self, key)

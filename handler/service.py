@@ -131,7 +131,7 @@ class GradCamHandler:
             prefix_tokens=config.prefix_tokens,
             grid=config.grid,
         )
-        for key in ("channels_last", "compile"):
+        for key in ("channels_last", "compile", "compile_freeze"):
             if getattr(config, key) == "auto":
                 logger.info("%s is 'auto' but was not resolved by scripts/archive.py: serving with it off", key)
         self.limits = CodecLimits(
@@ -169,7 +169,8 @@ class GradCamHandler:
         started = time.perf_counter()
         try:
             compiled = CompiledPass(self.engine, batch_size, config.compile_batch, config.compile_backend,
-                                    config.compile_mode, config.compile_cache_dir, config.compile_freeze)
+                                    config.compile_mode, config.compile_cache_dir,
+                                    config.compile_freeze == "on")
         except Exception as exc:  # compiling must never stop a load: serve eager
             logger.warning("torch.compile could not be set up (%s: %s); serving the eager model",
                            type(exc).__name__, exc)

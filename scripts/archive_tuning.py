@@ -13,41 +13,57 @@ __all__ = ["tune"]
 logger = logging.getLogger("archive")
 
 
-def _time_pass(engine, pixels, classes, reps: int) -> tuple[float, object]:
-    """Median images/s of the full pass (forward, gradient, normalised maps) and its maps."""
+def _once(engine, pixels, classes):
+    """One full pass (forward, gradient, normalised maps) of the batch: its maps."""
     from handler.cam import normalize_maps
 
     n = pixels.shape[0]
-
-    def once():
-        cam_pass = engine.forward(engine.prepare(pixels))
-        return normalize_maps(engine.cams(cam_pass, list(range(n)), classes, ["gradcam"] * n))
-
-    once()
-    times, maps = [], None
-    for _ in range(reps):
-        started = time.perf_counter()
-        maps = once()
-        times.append(time.perf_counter() - started)
-    return n / sorted(times)[len(times) // 2], maps
+    cam_pass = engine.forward(engine.prepare(pixels))
+    return normalize_maps(engine.cams(cam_pass, list(range(n)), classes, ["gradcam"] * n))
 
 
-def tune(model, config, batch_size: int, compile_choice: str, channels_last_choice: str, device: str,
-         reps: int = 5) -> dict:
-    """Resolve ``auto`` for channels_last and compile by timing them here, on this machine's device.
+def _time_passes(engines: dict, pixels, classes, reps: int) -> tuple[dict[str, float], dict]:
+    """Median images/s of each engine's pass and its maps, in interleaved rounds (one pass of
+    each engine per round, the order rotated), so that what else the machine does, such as
+    inductor's compile workers starting up after the first compile, hits every option alike."""
+    import torch
+
+    for eng in engines.values():  # untimed: kernels chosen, memory allocated
+        _once(eng, pixels, classes)
+    names = list(engines)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    maps = {}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if engines[name].device.type == "cuda":
+                torch.cuda.synchronize(engines[name].device)
+            started = time.perf_counter()
+            maps[name] = _once(engines[name], pixels, classes)
+            if engines[name].device.type == "cuda":
+                torch.cuda.synchronize(engines[name].device)
+            times[name].append(time.perf_counter() - started)
+    n = pixels.shape[0]
+    return {name: n / sorted(t)[len(t) // 2] for name, t in times.items()}, maps
+
+
+def tune(model, config, batch_size: int, device: str, reps: int = 7) -> dict:
+    """Resolve ``auto`` in ``config.channels_last``, ``compile`` and ``compile_freeze`` by timing
+    the options here, on this machine's device; ``config`` is updated.
 
     Each option is kept only when it is correct (its normalised maps within 1e-4 of the eager
     pass's: fp32 rounding alone puts two correct passes ~1e-5 apart, a wrong pass is off by
-    tenths) and at least 5% faster: timings on a busy machine are noisy, and a compiled worker
-    pays for compiling at every cold start. Where the layout is ``auto`` too, the compiled pass
-    is timed in both layouts: the layout that is faster eager is not always the faster compiled
-    (a frozen CPU graph packs the conv weights for its own kernels; channels-last then only adds
-    conversions).
+    tenths) and at least 5% faster than going without it: timings on a busy machine are noisy, a
+    compiled worker pays for compiling at every cold start, and a frozen one again at every
+    restart (inductor's cache does not hold frozen graphs). The compiled pass is timed in every
+    layout and freezing left open: the layout that is faster eager is not always the faster
+    compiled (a frozen CPU graph packs the conv weights for its own kernels). Every option is built
+    and compiled first, then all are timed in the same interleaved rounds.
 
     Returns:
         ``config.tuning``: the device, batch, images/s per option and the choice.
     """
     import copy
+    import itertools
 
     import torch
 
@@ -63,50 +79,64 @@ def tune(model, config, batch_size: int, compile_choice: str, channels_last_choi
                          input_size=tuple(config.input_size), channels_last=channels_last,
                          precision=config.precision if device == "cuda" else "fp32")
 
+    def choices(switch: str) -> tuple[bool, ...]:
+        return (False, True) if switch == "auto" else (switch == "on",)
+
     gen = torch.Generator().manual_seed(1)
     pixels = torch.randint(0, 256, (batch_size, *config.input_size, 3), dtype=torch.uint8, generator=gen)
     classes = (torch.arange(batch_size) % config.num_classes).to(device)
-    speeds, diffs = {}, {}
-    speeds["eager"], reference = _time_pass(engine(False), pixels, classes, reps)
-    channels_last = channels_last_choice == "on"
-    if channels_last_choice == "auto":
-        speeds["channels_last"], maps = _time_pass(engine(True), pixels, classes, reps)
-        diffs["channels_last"] = float((maps - reference).abs().max())
-        channels_last = diffs["channels_last"] <= 1e-4 and speeds["channels_last"] >= 1.05 * speeds["eager"]
-    compiled = compile_choice == "on"
-    if compile_choice == "auto" or (compile_choice == "on" and channels_last_choice == "auto"):
-        base = speeds["channels_last" if channels_last else "eager"]
-        layouts = (False, True) if channels_last_choice == "auto" else (channels_last,)
-        best = None
-        for layout in layouts:
-            key = "compiled_channels_last" if layout else "compiled"
+    engines = {"eager": engine(False)}
+    if config.channels_last == "auto":
+        engines["channels_last"] = engine(True)
+    options = {}  # compiled option -> (channels_last, frozen)
+    if config.compile != "off":
+        freezes = choices(config.compile_freeze) if config.compile_backend == "inductor" else (False,)
+        for layout, frozen in itertools.product(choices(config.channels_last), freezes):
+            key = "compiled" + ("_channels_last" if layout else "") + ("_frozen" if frozen else "")
             candidate = engine(layout)
             candidate.batched_targets = False
-            logger.info("  compiling the pass%s to time it (a minute or so on a CPU) ...",
-                        ", channels-last," if layout else "")
+            logger.info("  compiling the pass (%s%s) to time it (a minute or so on a CPU) ...",
+                        "channels-last" if layout else "NCHW", ", frozen" if frozen else "")
             try:
                 CompiledPass(candidate, batch_size, config.compile_batch, config.compile_backend,
-                             config.compile_mode, freeze=config.compile_freeze)
-                speeds[key], maps = _time_pass(candidate, pixels, classes, reps)
+                             config.compile_mode, freeze=frozen)
+                _once(candidate, pixels, classes)  # compiles
             except Exception as exc:  # no C++ compiler, an unsupported op: serve eager
                 logger.warning("  torch.compile failed here (%s: %s): the archive serves eager",
                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                options.clear()
                 break
-            finally:
-                torch._dynamo.reset()  # the candidate's graphs: no use to the next one or the archive
-            diffs[key] = float((maps - reference).abs().max())
-            fast_enough = compile_choice == "on" or speeds[key] >= 1.05 * base
-            if diffs[key] <= 1e-4 and fast_enough and (best is None or speeds[key] > speeds[best[0]]):
-                best = (key, layout)
-        if best is not None:
-            compiled, channels_last = True, best[1]
-        elif compile_choice == "auto":
-            compiled = False
+            engines[key], options[key] = candidate, (layout, frozen)
+    try:
+        speeds, maps = _time_passes(engines, pixels, classes, reps)
+    finally:
+        torch._dynamo.reset()  # the candidates' graphs: no use to the archive
+    diffs = {k: float((m - maps["eager"]).abs().max()) for k, m in maps.items() if k != "eager"}
+    channels_last = config.channels_last == "on"
+    if config.channels_last == "auto":
+        channels_last = diffs["channels_last"] <= 1e-4 and speeds["channels_last"] >= 1.05 * speeds["eager"]
+    # What compiling must beat: eager in the chosen layout (eager NCHW where channels-last was
+    # not timed but set on: compile on, freezing auto).
+    base = speeds.get("channels_last" if channels_last else "eager", speeds["eager"])
+    fits = {k: speeds[k] for k in options
+            if diffs[k] <= 1e-4 and (config.compile == "on" or speeds[k] >= 1.05 * base)}
+    # Frozen only where it is 5% faster than the best unfrozen option.
+    unfrozen = max((k for k in fits if not options[k][1]), key=fits.get, default=None)
+    frozen = max((k for k in fits if options[k][1]), key=fits.get, default=None)
+    best = frozen if frozen and (unfrozen is None or fits[frozen] >= 1.05 * fits[unfrozen]) else unfrozen
+    if best is not None:
+        config.compile = "on"
+        channels_last, freeze = options[best]
+        config.compile_freeze = "on" if freeze else "off"
+    elif config.compile == "auto":
+        config.compile = "off"
+    if config.compile_freeze == "auto":  # compile on and not timed (it failed here): the worker decides nothing
+        config.compile_freeze = "off"
     config.channels_last = "on" if channels_last else "off"
-    config.compile = "on" if compiled else "off"
     return {
         "device": device, "batch": batch_size,
         "images_per_s": {k: round(v, 1) for k, v in speeds.items()},
         "max_map_difference": {k: float(f"{v:.2g}") for k, v in diffs.items()},
-        "chosen": {"channels_last": config.channels_last, "compile": config.compile},
+        "chosen": {"channels_last": config.channels_last, "compile": config.compile,
+                   "compile_freeze": config.compile_freeze},
     }

@@ -17,7 +17,7 @@ LOAD=()
 for model in "${MODELS[@]}"; do
   mar="model_store/$model.mar"
   if [ "$model" = "$DEFAULT" ] && { [ ! -f "$mar" ] ||
-      [ -n "$(find handler scripts/archive.py -newer "$mar" -name '*.py' 2>/dev/null | head -1)" ]; }; then
+      [ -n "$(find handler scripts/archive.py scripts/archive_tuning.py -newer "$mar" -name '*.py' 2>/dev/null | head -1)" ]; }; then
     say "building $mar"
     .venv/bin/python scripts/archive.py --name "$model" --force
   elif [ ! -f "$mar" ]; then

@@ -30,7 +30,7 @@ def default_mar() -> Path:
     """model_store/efficientnet_lite0.mar, built (or rebuilt, as ``make serve`` does) when it is
     missing or older than the handler package or the archiver."""
     mar = ROOT / "model_store" / "efficientnet_lite0.mar"
-    sources = [*(ROOT / "handler").glob("*.py"), ROOT / "scripts" / "archive.py"]
+    sources = [*(ROOT / "handler").glob("*.py"), *(ROOT / "scripts").glob("archive*.py")]
     if not mar.exists() or any(src.stat().st_mtime > mar.stat().st_mtime for src in sources):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py"), "--force"], check=True)
     return mar

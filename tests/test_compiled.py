@@ -47,6 +47,10 @@ def test_pad_batch_repeats_the_last_image():
 def test_config_switches_accept_the_old_booleans_and_refuse_unknown_values():
     assert ServeConfig.from_dict({"channels_last": True}).channels_last == "on"
     assert ServeConfig.from_dict({"compile": False}).compile == "off"
+    assert ServeConfig.from_dict({"compile_freeze": True}).compile_freeze == "on"
+    assert ServeConfig.from_dict({}).compile_freeze == "off"
+    with pytest.raises(ValueError, match="'compile_freeze' must be one of auto, on, off"):
+        ServeConfig.from_dict({"compile_freeze": "yes"})
     with pytest.raises(ValueError, match="'compile' must be one of auto, on, off"):
         ServeConfig.from_dict({"compile": "fast"})
     with pytest.raises(ValueError, match="'compile_batch' must be one of buckets, dynamic"):
@@ -172,8 +176,9 @@ def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load
     from torch._dynamo.utils import counters
 
     eager, eager_context = _handler(model_dir)
-    service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "inductor"))
-    assert service.compiled is not None and service.compiled.sizes == (1, 2, 4, 8)
+    service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "inductor"),
+                                         compile_freeze="on")
+    assert service.compiled is not None and service.compiled.sizes == (1, 2, 4, 8) and service.compiled.frozen
     assert ("compiled model_src/model.py:TinyNet (inductor, default mode, backbone frozen) for batch sizes "
             "1/2/4/8") in caplog.text
     assert any((tmp_path / "inductor").iterdir())  # the cache a restarted worker finds
@@ -241,7 +246,13 @@ def test_a_compiled_archive_serves_the_same_answers_on_a_real_server(server, wei
                  "--input-size", "64", check=True)
     with __import__("zipfile").ZipFile(store / "tinynet_compiled.mar") as mar:
         config = yaml.safe_load(mar.read("model-config.yaml"))
-    assert config["startupTimeout"] == 600 and config["handler"]["compile"] == "on"
+    handler = config["handler"]
+    assert config["startupTimeout"] == 600 and handler["compile"] == "on" and handler["channels_last"] == "on"
+    # compile and layout given, freezing left to the archiver: it timed both, and chose
+    speeds = handler["tuning"]["images_per_s"]
+    assert set(speeds) == {"eager", "compiled_channels_last", "compiled_channels_last_frozen"}
+    frozen = speeds["compiled_channels_last_frozen"] >= 1.05 * speeds["compiled_channels_last"]
+    assert handler["compile_freeze"] == ("on" if frozen else "off")
     images = [_png(), _png((40, 90)), _png((120, 60), (20, 200, 20))]
     with LocalServer(store, ["tinynet_compiled.mar"], tmp_path / "server") as compiled:
         log = (compiled.workdir / "logs" / "model_log.log").read_text()
@@ -263,8 +274,9 @@ def test_a_compiled_archive_serves_the_same_answers_on_a_real_server(server, wei
 
 
 def test_the_archiver_resolves_auto_by_timing_and_writes_down_what_it_measured(weights, tmp_path):
-    """--compile auto and --channels-last auto: the archive records the measured images/s and map
-    differences, and the choice follows from them (correct, and at least 5% faster)."""
+    """--compile, --channels-last and --compile-freeze auto: the archive records the measured
+    images/s and map differences of every option, and the choice follows from them (correct, and
+    at least 5% faster; frozen only where 5% faster than the best unfrozen)."""
     import yaml
     from conftest import DATA, run_archiver
 
@@ -280,21 +292,26 @@ def test_the_archiver_resolves_auto_by_timing_and_writes_down_what_it_measured(w
     tuning = handler["tuning"]
     speed, diff = tuning["images_per_s"], tuning["max_map_difference"]
     assert tuning["device"] == "cpu" and tuning["batch"] == 4
-    assert set(speed) == {"eager", "channels_last", "compiled", "compiled_channels_last"}
-    assert all(v > 0 for v in speed.values())
+    compiled_options = {"compiled": ("off", "off"), "compiled_frozen": ("off", "on"),
+                        "compiled_channels_last": ("on", "off"), "compiled_channels_last_frozen": ("on", "on")}
+    assert set(speed) == {"eager", "channels_last", *compiled_options} and all(v > 0 for v in speed.values())
+    assert all(diff[key] < 1e-4 for key in compiled_options)  # every compiled option is correct here
     channels_last = diff["channels_last"] <= 1e-4 and speed["channels_last"] >= 1.05 * speed["eager"]
     base = speed["channels_last" if channels_last else "eager"]
-    # The compiled pass is timed in both layouts; the faster correct one wins if it beats eager by 5%.
-    fits = {layout: speed[key] for layout, key in (("off", "compiled"), ("on", "compiled_channels_last"))
-            if diff[key] <= 1e-4 and speed[key] >= 1.05 * base}
-    if fits:
-        assert handler["compile"] == "on" and handler["channels_last"] == max(fits, key=fits.get)
+    fits = {key: speed[key] for key in compiled_options if speed[key] >= 1.05 * base}
+    unfrozen = max((k for k in fits if not k.endswith("_frozen")), key=fits.get, default=None)
+    frozen = max((k for k in fits if k.endswith("_frozen")), key=fits.get, default=None)
+    best = frozen if frozen and (unfrozen is None or fits[frozen] >= 1.05 * fits[unfrozen]) else unfrozen
+    if best:
+        want = ("on", *compiled_options[best])
     else:
-        assert handler["compile"] == "off" and handler["channels_last"] == ("on" if channels_last else "off")
-    compiled = bool(fits)
-    assert tuning["chosen"] == {"channels_last": handler["channels_last"], "compile": handler["compile"]}
-    assert config["startupTimeout"] == (600 if compiled else 120)
-    assert f"compile {handler['compile']}, channels_last {handler['channels_last']}" in done.stderr
+        want = ("off", "on" if channels_last else "off", "off")
+    assert (handler["compile"], handler["channels_last"], handler["compile_freeze"]) == want
+    assert tuning["chosen"] == {"channels_last": handler["channels_last"], "compile": handler["compile"],
+                                "compile_freeze": handler["compile_freeze"]}
+    assert config["startupTimeout"] == (600 if best else 120)
+    assert (f"compile {handler['compile']}, channels_last {handler['channels_last']}, "
+            f"compile_freeze {handler['compile_freeze']}") in done.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
