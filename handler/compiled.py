@@ -2,7 +2,7 @@
 
 ``torch.compile`` traces through the target layer's forward hook; the graph breaks where the
 hook makes the activation a leaf, so the backbone below the layer, which runs with grad off,
-compiles as an inference graph (frozen by default: weights folded in as constants) and the head
+compiles as an inference graph (optionally frozen: weights folded in as constants) and the head
 above it as a forward-and-backward graph that ``torch.autograd.grad`` runs. The maps
 equal the eager engine's (tests/test_compiled.py).
 
@@ -117,7 +117,7 @@ class CompiledPass:
     """
 
     def __init__(self, engine, batch_size: int, batch_mode: str = "buckets", backend: str = "inductor",
-                 mode: str | None = None, cache: str = "", freeze: bool = True) -> None:
+                 mode: str | None = None, cache: str = "", freeze: bool = False) -> None:
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {', '.join(BATCH_MODES)}, not '{batch_mode}'")
         folder = cache_dir(cache)

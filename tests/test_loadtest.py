@@ -80,7 +80,7 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
     out = tmp_path / "raw"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.url, "--metrics-url",
-         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "4",
+         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "10",
          "--max-requests", "40", "--outputs", "predictions", "--body", "raw", "-q", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
