@@ -11,6 +11,8 @@ drift hits every row alike:
   - this handler, predictions + map, eager (the archive's compile and channels_last off): what
     the archiver's speed options (torch.compile, channels-last; section "The compiled serve path"
     of the README) buy
+  - this handler, predictions + map, compiled with the backbone frozen (compile_freeze on): what
+    freezing buys, or costs, under load
   - this handler, predictions only, with glibc's default malloc thresholds (the archive's
     malloc_*_threshold_mib set to 0): what the handler's malloc tuning buys
   - TorchServe's stock image_classifier answering /explanations (Captum Integrated Gradients)
@@ -32,6 +34,7 @@ free ports), stops them at the end. Prints a table and writes bench_results/comp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,16 +55,18 @@ from tslocal import ROOT, LocalServer, default_mar  # noqa: E402
 MODEL = "efficientnet_lite0"
 GLIBC_MODEL = "efficientnet_lite0_glibc"
 EAGER_MODEL = "efficientnet_lite0_eager"
+FROZEN_MODEL = "efficientnet_lite0_frozen"
 ROWS = [  # (label, server, route, outputs)
     ("handler: predictions only", "ours", "predictions", "predictions"),
     ("handler: + Grad-CAM map", "ours", "predictions", "map"),
     ("handler: + map + overlay", "ours", "predictions", "overlay"),
     ("handler, eager: + Grad-CAM map", "eager", "predictions", "map"),
+    ("handler, compiled, backbone frozen: + Grad-CAM map", "frozen", "predictions", "map"),
     ("handler: predictions only, glibc malloc defaults", "glibc", "predictions", "predictions"),
     ("stock image_classifier /explanations (Captum IG)", "stock", "explanations", "stock"),
     ("stock image_classifier /predictions", "stock", "predictions", "stock"),
 ]
-BASE_ROW, STOCK_EXPLAIN_ROW, STOCK_ROW = ROWS[0][0], ROWS[5][0], ROWS[6][0]
+BASE_ROW, STOCK_EXPLAIN_ROW, STOCK_ROW = ROWS[0][0], ROWS[-2][0], ROWS[-1][0]
 
 
 def malloc_env(config: dict) -> dict[str, str]:
@@ -154,15 +159,22 @@ def main(argv: list[str] | None = None) -> int:
         build_stock_archive(ours, store)
         build_variant(ours, store, GLIBC_MODEL, malloc_mmap_threshold_mib=0, malloc_trim_threshold_mib=0)
         build_variant(ours, store, EAGER_MODEL, compile="off", channels_last="off")
+        build_variant(ours, store, FROZEN_MODEL, compile="on", compile_freeze="on")
         config = handler_config(ours)
         stock_env = malloc_env(config)
-        speed = f"compile {config['compile']}, channels_last {config['channels_last']}"
+        speed = (f"compile {config['compile']}, channels_last {config['channels_last']}, "
+                 f"compile_freeze {config.get('compile_freeze', 'off')}")
         print(f"[compare] the default archive serves with {speed}", flush=True)
         image = ROOT / "tests" / "data" / "chelsea.jpg"
-        with LocalServer(store, [ours.name, f"{GLIBC_MODEL}.mar", f"{EAGER_MODEL}.mar"], tmp / "ours",
-                         ) as mine, LocalServer(store, ["stock_lite0.mar"], tmp / "stock", env=stock_env) as stock:
+        with contextlib.ExitStack() as servers_up:
+            # Three compiled workers compile their batch buckets at load: minutes on 2 cores.
+            mine = LocalServer(store, [ours.name, f"{GLIBC_MODEL}.mar", f"{EAGER_MODEL}.mar", f"{FROZEN_MODEL}.mar"],
+                               tmp / "ours")
+            servers_up.callback(mine.stop)
+            mine.start(timeout=900)
+            stock = servers_up.enter_context(LocalServer(store, ["stock_lite0.mar"], tmp / "stock", env=stock_env))
             servers = {"ours": (mine, MODEL), "glibc": (mine, GLIBC_MODEL), "eager": (mine, EAGER_MODEL),
-                       "stock": (stock, "stock_lite0")}
+                       "frozen": (mine, FROZEN_MODEL), "stock": (stock, "stock_lite0")}
             for rnd in range(args.rounds):
                 for label, which, route, outputs in ROWS:
                     server, model = servers[which]
@@ -203,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(summary, indent=2))
     print(f"\n{args.users} users, {args.duration} s x {args.rounds} rounds per row (median), {os.cpu_count()} CPUs\n")
-    print(f"'handler' rows: the default archive ({speed}); 'eager': the same with both off\n")
+    print(f"'handler' rows: the default archive ({speed}); 'eager': the same with compile and "
+          "channels_last off; 'compiled, backbone frozen': compile and compile_freeze on\n")
     print("| row | req/s | p99 ms | vs predictions only | vs stock /predictions | vs stock /explanations | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in table:
