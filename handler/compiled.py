@@ -83,13 +83,14 @@ class _Frozen(torch.nn.Module):
     """
 
     def __init__(self, compiled: torch.nn.Module) -> None:
-        super().__init__()
-        self.compiled = compiled
-
-    def forward(self, *args, **kwargs):
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):
+        super().__init__()
+        self.compiled = compiled
+        self._inductor_config = inductor_config
+
+    def forward(self, *args, **kwargs):
+        with self._inductor_config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
 
 

@@ -28,6 +28,10 @@ def _time_passes(engines: dict, pixels, classes, reps: int) -> tuple[dict[str, f
     inductor's compile workers starting up after the first compile, hits every option alike."""
     import torch
 
+    def settled(engine) -> None:
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+
     for eng in engines.values():  # untimed: kernels chosen, memory allocated
         _once(eng, pixels, classes)
     names = list(engines)
@@ -35,12 +39,10 @@ def _time_passes(engines: dict, pixels, classes, reps: int) -> tuple[dict[str, f
     maps = {}
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            if engines[name].device.type == "cuda":
-                torch.cuda.synchronize(engines[name].device)
+            settled(engines[name])
             started = time.perf_counter()
             maps[name] = _once(engines[name], pixels, classes)
-            if engines[name].device.type == "cuda":
-                torch.cuda.synchronize(engines[name].device)
+            settled(engines[name])
             times[name].append(time.perf_counter() - started)
     n = pixels.shape[0]
     return {name: n / sorted(t)[len(t) // 2] for name, t in times.items()}, maps

@@ -17,7 +17,7 @@ alike; the table reports the median round.
                            compile on serves it (handler.compiled; compiled in the warm-up): the
                            backbone below the target layer frozen (weights as constants)
     engine_compiled_cl     compiled and channels-last
-    engine_compiled_cl_unfrozen   the same without freezing (compile_freeze false)
+    engine_compiled_cl_unfrozen   the same without freezing (compile_freeze off)
     pytorch-grad-cam   GradCAM, targets=None (top-1 from its own forward); for token and
                        channels-last layers with the matching reshape_transform
     captum             LayerGradCam (+ one extra inference forward for the top-5 and targets)

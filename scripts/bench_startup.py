@@ -47,10 +47,8 @@ ARCHIVES = [
 
 
 def build(store: Path, name: str, cache: Path, flags: list[str]) -> str:
-    if "--compile" in flags and flags[flags.index("--compile") + 1] == "on":
-        flags = [*flags, "--compile-cache-dir", str(cache)]
     subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--name", name,
-                    "--export-path", str(store), *flags], check=True)
+                    "--export-path", str(store), "--compile-cache-dir", str(cache), *flags], check=True)
     return f"{name}.mar"
 
 
