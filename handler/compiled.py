@@ -78,8 +78,8 @@ class _Frozen(torch.nn.Module):
     """A compiled model whose graphs inductor compiles with ``freezing`` on.
 
     Freezing is read while dynamo traces (parameters become graph constants instead of inputs),
-    not only by inductor, so it cannot go in ``torch.compile``'s options; it is switched on
-    around each call instead, and nowhere else in the process.
+    not only by inductor, so ``torch.compile``'s options alone do not freeze; it is switched on
+    around each call, and nowhere else in the process.
     """
 
     def __init__(self, compiled: torch.nn.Module) -> None:
@@ -145,8 +145,19 @@ class CompiledPass:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
-        engine.model = torch.compile(engine.model, backend=backend, mode=mode or None, dynamic=False)
         self.frozen = freeze and backend == "inductor"
+        # Freezing goes in the options too, so that they differ from an unfrozen model's: dynamo
+        # hands a model the graphs it compiled for another instance of its class with equal
+        # options, and a frozen model compiled after an unfrozen one in the same process (the
+        # archiver times both) would run the unfrozen graphs and never freeze.
+        # (torch.compile takes a mode or options, not both: the mode's options then go in too.)
+        options = None
+        if self.frozen:
+            from torch._inductor import list_mode_options
+
+            options, mode = {**(list_mode_options(mode, False) if mode else {}), "freezing": True}, None
+        engine.model = torch.compile(engine.model, backend=backend, mode=mode or None, dynamic=False,
+                                     options=options)
         if self.frozen:
             engine.model = _Frozen(engine.model)
         engine.batch_buckets = self.sizes if batch_mode == "buckets" else None

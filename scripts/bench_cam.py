@@ -16,6 +16,7 @@ alike; the table reports the median round.
     engine_compiled        the engine with its model torch.compile'd (inductor), as a worker with
                            compile on serves it (handler.compiled; compiled in the warm-up): the
                            backbone below the target layer frozen (weights as constants)
+    engine_compiled_unfrozen   the same without freezing (compile_freeze off)
     engine_compiled_cl     compiled and channels-last
     engine_compiled_cl_unfrozen   the same without freezing (compile_freeze off)
     pytorch-grad-cam   GradCAM, targets=None (top-1 from its own forward); for token and
@@ -75,11 +76,12 @@ from handler.layouts import auto_target  # noqa: E402
 
 log = logging.getLogger("bench_cam")
 
-ROWS = ("plain", "engine_fp32", "engine_bf16", "engine_channels_last", "engine_compiled", "engine_compiled_cl",
-        "engine_compiled_cl_unfrozen", "pytorch-grad-cam", "captum", "torchcam")
+ROWS = ("plain", "engine_fp32", "engine_bf16", "engine_channels_last", "engine_compiled", "engine_compiled_unfrozen",
+        "engine_compiled_cl", "engine_compiled_cl_unfrozen", "pytorch-grad-cam", "captum", "torchcam")
 # Engine rows on their own copy of the model (channels_last converts its parameters) and their
 # options: (channels_last, torch.compile, inductor freezing of the backbone).
 _ENGINE_VARIANTS = {"engine_channels_last": (True, False, False), "engine_compiled": (False, True, True),
+                    "engine_compiled_unfrozen": (False, True, False),
                     "engine_compiled_cl": (True, True, True), "engine_compiled_cl_unfrozen": (True, True, False)}
 # Library rows: (distribution, import name).
 _LIBRARIES = {"pytorch-grad-cam": ("grad-cam", "pytorch_grad_cam"), "captum": ("captum", "captum"),

@@ -11,8 +11,9 @@ drift hits every row alike:
   - this handler, predictions + map, eager (the archive's compile and channels_last off): what
     the archiver's speed options (torch.compile, channels-last; section "The compiled serve path"
     of the README) buy
-  - this handler, predictions + map, compiled with the backbone frozen (compile_freeze on): what
-    freezing buys, or costs, under load
+  - this handler, predictions + map, compiled with freezing the other way round from the default
+    archive (compile_freeze on where the archiver chose off, and the reverse): what freezing buys,
+    or costs, under load
   - this handler, predictions only, with glibc's default malloc thresholds (the archive's
     malloc_*_threshold_mib set to 0): what the handler's malloc tuning buys
   - TorchServe's stock image_classifier answering /explanations (Captum Integrated Gradients)
@@ -29,6 +30,7 @@ free ports), stops them at the end. Prints a table and writes bench_results/comp
 
   .venv/bin/python scripts/compare_load.py --duration 60 --rounds 2
   .venv/bin/python scripts/compare_load.py --camera     # every row with 12 MP camera photos
+  .venv/bin/python scripts/compare_load.py --rows map,frozen --rounds 4   # two rows, more rounds
 """
 
 from __future__ import annotations
@@ -56,17 +58,20 @@ MODEL = "efficientnet_lite0"
 GLIBC_MODEL = "efficientnet_lite0_glibc"
 EAGER_MODEL = "efficientnet_lite0_eager"
 FROZEN_MODEL = "efficientnet_lite0_frozen"
-ROWS = [  # (label, server, route, outputs)
-    ("handler: predictions only", "ours", "predictions", "predictions"),
-    ("handler: + Grad-CAM map", "ours", "predictions", "map"),
-    ("handler: + map + overlay", "ours", "predictions", "overlay"),
-    ("handler, eager: + Grad-CAM map", "eager", "predictions", "map"),
-    ("handler, compiled, backbone frozen: + Grad-CAM map", "frozen", "predictions", "map"),
-    ("handler: predictions only, glibc malloc defaults", "glibc", "predictions", "predictions"),
-    ("stock image_classifier /explanations (Captum IG)", "stock", "explanations", "stock"),
-    ("stock image_classifier /predictions", "stock", "predictions", "stock"),
-]
-BASE_ROW, STOCK_EXPLAIN_ROW, STOCK_ROW = ROWS[0][0], ROWS[-2][0], ROWS[-1][0]
+UNFROZEN_MODEL = "efficientnet_lite0_unfrozen"
+ROWS = {  # --rows key: (label, server, route, outputs)
+    "predictions": ("handler: predictions only", "ours", "predictions", "predictions"),
+    "map": ("handler: + Grad-CAM map", "ours", "predictions", "map"),
+    "overlay": ("handler: + map + overlay", "ours", "predictions", "overlay"),
+    "eager": ("handler, eager: + Grad-CAM map", "eager", "predictions", "map"),
+    "frozen": ("handler, compiled, backbone frozen: + Grad-CAM map", "frozen", "predictions", "map"),
+    "unfrozen": ("handler, compiled, backbone not frozen: + Grad-CAM map", "unfrozen", "predictions", "map"),
+    "glibc": ("handler: predictions only, glibc malloc defaults", "glibc", "predictions", "predictions"),
+    "stock-explanations": ("stock image_classifier /explanations (Captum IG)", "stock", "explanations", "stock"),
+    "stock-predictions": ("stock image_classifier /predictions", "stock", "predictions", "stock"),
+}
+BASE_ROW, STOCK_EXPLAIN_ROW, STOCK_ROW = (ROWS[k][0] for k in ("predictions", "stock-explanations",
+                                                               "stock-predictions"))
 
 
 def malloc_env(config: dict) -> dict[str, str]:
@@ -143,40 +148,62 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-u", "--users", type=int, default=16)
     p.add_argument("--camera", action="store_true",
                    help="send camera photos (12 MP JPEGs made from tests/data by scripts/camera_photos.py)")
+    p.add_argument("--rows", default=None,
+                   help=f"comma-separated rows to run, in this order: {', '.join(ROWS)} (default: all but "
+                        "the frozen or unfrozen row that is the default archive itself)")
     p.add_argument("--json-out", type=Path, default=None,
                    help="default: bench_results/compare_load.json (compare_load_camera.json with --camera)")
     args = p.parse_args(argv)
+    ours = default_mar()
+    config = handler_config(ours)
+    if args.rows is None:
+        same = "frozen" if config.get("compile_freeze") == "on" and config["compile"] == "on" else "unfrozen"
+        args.rows = ",".join(k for k in ROWS if k != same)
+    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown or not keys:
+        p.error(f"--rows: unknown row(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ROWS)}")
+    rows = [ROWS[k] for k in dict.fromkeys(keys)]
+    needed = {which for _, which, *_ in rows}
     if args.json_out is None:
         args.json_out = ROOT / "bench_results" / f"compare_load{'_camera' if args.camera else ''}.json"
 
-    ours = default_mar()
-    results: dict[str, list[dict]] = {label: [] for label, *_ in ROWS}
+    results: dict[str, list[dict]] = {label: [] for label, *_ in rows}
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
         tmp = Path(tmp)
         store = tmp / "store"
         store.mkdir()
         (store / ours.name).symlink_to(ours)
-        build_stock_archive(ours, store)
-        build_variant(ours, store, GLIBC_MODEL, malloc_mmap_threshold_mib=0, malloc_trim_threshold_mib=0)
-        build_variant(ours, store, EAGER_MODEL, compile="off", channels_last="off")
-        build_variant(ours, store, FROZEN_MODEL, compile="on", compile_freeze="on")
-        config = handler_config(ours)
+        variants = {"glibc": (GLIBC_MODEL, dict(malloc_mmap_threshold_mib=0, malloc_trim_threshold_mib=0)),
+                    "eager": (EAGER_MODEL, dict(compile="off", channels_last="off")),
+                    "frozen": (FROZEN_MODEL, dict(compile="on", compile_freeze="on")),
+                    "unfrozen": (UNFROZEN_MODEL, dict(compile="on", compile_freeze="off"))}
+        archives = [ours.name] if "ours" in needed else []
+        for which, (name, handler) in variants.items():
+            if which in needed:
+                build_variant(ours, store, name, **handler)
+                archives.append(f"{name}.mar")
         stock_env = malloc_env(config)
         speed = (f"compile {config['compile']}, channels_last {config['channels_last']}, "
                  f"compile_freeze {config.get('compile_freeze', 'off')}")
         print(f"[compare] the default archive serves with {speed}", flush=True)
         image = ROOT / "tests" / "data" / "chelsea.jpg"
         with contextlib.ExitStack() as servers_up:
-            # Three compiled workers compile their batch buckets at load: minutes on 2 cores.
-            mine = LocalServer(store, [ours.name, f"{GLIBC_MODEL}.mar", f"{EAGER_MODEL}.mar", f"{FROZEN_MODEL}.mar"],
-                               tmp / "ours")
-            servers_up.callback(mine.stop)
-            mine.start(timeout=900)
-            stock = servers_up.enter_context(LocalServer(store, ["stock_lite0.mar"], tmp / "stock", env=stock_env))
+            mine = stock = None
+            if archives:
+                # Three compiled workers compile their batch buckets at load: minutes on 2 cores.
+                mine = LocalServer(store, archives, tmp / "ours")
+                servers_up.callback(mine.stop)
+                mine.start(timeout=900)
+            if "stock" in needed:
+                build_stock_archive(ours, store)
+                stock = servers_up.enter_context(LocalServer(store, ["stock_lite0.mar"], tmp / "stock",
+                                                             env=stock_env))
             servers = {"ours": (mine, MODEL), "glibc": (mine, GLIBC_MODEL), "eager": (mine, EAGER_MODEL),
-                       "frozen": (mine, FROZEN_MODEL), "stock": (stock, "stock_lite0")}
+                       "frozen": (mine, FROZEN_MODEL), "unfrozen": (mine, UNFROZEN_MODEL),
+                       "stock": (stock, "stock_lite0")}
             for rnd in range(args.rounds):
-                for label, which, route, outputs in ROWS:
+                for label, which, route, outputs in rows:
                     server, model = servers[which]
                     print(f"[compare] round {rnd + 1}/{args.rounds}: {label}", flush=True)
                     report = loadtest.main([
@@ -190,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                     if waited > 5:
                         print(f"[compare] waited {waited:.0f} s for {model}'s queue to drain", flush=True)
 
-    def med(label: str, key: str) -> float:
+    def med(label: str, key: str) -> float | None:
+        if label not in results:
+            return None
         values = [r[key] if key != "p99" else r["latency_ms"]["p99"] for r in results[label]]
         return statistics.median(values)
 
@@ -198,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     stock_explain = med(STOCK_EXPLAIN_ROW, "requests_per_s")
     stock = med(STOCK_ROW, "requests_per_s")
     table = []
-    for label, *_ in ROWS:
+    for label, *_ in rows:
         rps = med(label, "requests_per_s")
         table.append({
             "row": label, "requests_per_s": rps, "p99_ms": med(label, "p99"),
@@ -216,12 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     args.json_out.write_text(json.dumps(summary, indent=2))
     print(f"\n{args.users} users, {args.duration} s x {args.rounds} rounds per row (median), {os.cpu_count()} CPUs\n")
     print(f"'handler' rows: the default archive ({speed}); 'eager': the same with compile and "
-          "channels_last off; 'compiled, backbone frozen': compile and compile_freeze on\n")
+          "channels_last off; 'compiled, backbone (not) frozen': compile on, compile_freeze on (off)\n")
+    def ratio(value) -> str:
+        return f"{value}x" if value is not None else "-"
+
     print("| row | req/s | p99 ms | vs predictions only | vs stock /predictions | vs stock /explanations | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in table:
-        print(f"| {row['row']} | {row['requests_per_s']:.2f} | {row['p99_ms']:.0f} | {row['vs_predictions_only']}x | "
-              f"{row['vs_stock_predictions']}x | {row['vs_stock_explanations']}x | {row['errors']} |")
+        print(f"| {row['row']} | {row['requests_per_s']:.2f} | {row['p99_ms']:.0f} | "
+              f"{ratio(row['vs_predictions_only'])} | {ratio(row['vs_stock_predictions'])} | "
+              f"{ratio(row['vs_stock_explanations'])} | {row['errors']} |")
     print(f"\nJSON: {args.json_out}")
     return 0
 

@@ -137,6 +137,40 @@ def test_compiled_maps_equal_eager_for_every_method_and_several_classes(arch, la
     assert compiled_error <= max(1e-5, 2 * eager_error), (compiled_error, eager_error)
 
 
+@pytest.mark.parametrize("first", ["unfrozen", "frozen"])
+def test_a_frozen_and_an_unfrozen_model_of_one_class_in_one_process_each_run_their_own_graphs(first):
+    """Dynamo shares compiled frames between instances of one class compiled with equal options.
+    The archiver times frozen and unfrozen copies of the model in one process, so a frozen model
+    must compile (and run) frozen graphs of its own whichever was compiled first, and neither may
+    run graphs that hold the other's weights: the two models here have different weights."""
+    from torch._dynamo.utils import counters
+
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    import torchvision
+
+    models = {"unfrozen": _model("resnet18", x)}
+    torch.manual_seed(1)
+    models["frozen"] = _calibrated(torchvision.models.resnet18(num_classes=20), x)
+    order = [first, "frozen" if first == "unfrozen" else "unfrozen"]
+    torch._dynamo.reset()  # no graphs of earlier tests' resnet18s
+    passes = {}
+    for name in order:
+        engine = CamEngine(copy.deepcopy(models[name]), "layer4", input_size=(SIZE, SIZE), batched_targets=False)
+        CompiledPass(engine, batch_size=2, freeze=name == "frozen")
+        packed = counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"]
+        graphs = counters["stats"]["unique_graphs"]
+        passes[name] = engine.forward(x)
+        # Frozen graphs hold their model's weights: a frozen model compiles its own. An unfrozen
+        # model may share unfrozen graphs (weights are their inputs), never frozen ones.
+        if name == "frozen":
+            assert counters["stats"]["unique_graphs"] > graphs, "the frozen model compiled no graph of its own"
+        grew = counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] > packed
+        assert grew == (name == "frozen"), f"the {name} model's conv weights packed: {grew}"
+    for name, model in models.items():
+        want = CamEngine(copy.deepcopy(model), "layer4", input_size=(SIZE, SIZE)).forward(x).logits
+        torch.testing.assert_close(passes[name].logits, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("key", ["vit", "swin"])
 def test_compiled_maps_of_token_and_channels_last_layouts_equal_eager(key):
     """A class-token ViT (its target layer nested in blocks: LeafCapture stands in for the hook
