@@ -154,15 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", type=Path, default=None,
                    help="default: bench_results/compare_load.json (compare_load_camera.json with --camera)")
     args = p.parse_args(argv)
+    keys = [k.strip() for k in (args.rows or "").split(",") if k.strip()]
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown or (args.rows is not None and not keys):
+        p.error(f"--rows: unknown row(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ROWS)}")
     ours = default_mar()
     config = handler_config(ours)
-    if args.rows is None:
+    if args.rows is None:  # the frozen or unfrozen variant that the default archive is not
         same = "frozen" if config.get("compile_freeze") == "on" and config["compile"] == "on" else "unfrozen"
-        args.rows = ",".join(k for k in ROWS if k != same)
-    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in ROWS]
-    if unknown or not keys:
-        p.error(f"--rows: unknown row(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ROWS)}")
+        keys = [k for k in ROWS if k != same]
     rows = [ROWS[k] for k in dict.fromkeys(keys)]
     needed = {which for _, which, *_ in rows}
     if args.json_out is None:

@@ -130,3 +130,12 @@ def test_history_gives_each_seconds_requests_and_skips_empty_percentiles(tmp_pat
     assert series["rps"] == [5.0, 20.0, 20.5] and series["fails"] == [0.0, 1.0, 1.0]
     assert math.isnan(series["p50"][0]) and series["p50"][1:] == [120.0, 130.0]
     assert series["p99"][1:] == [500.0, 520.0]
+
+
+@pytest.mark.parametrize("rows, said", [("map,bogus", "unknown row(s) bogus"), (",", "(none given)")])
+def test_compare_load_refuses_unknown_rows_before_building_anything(rows, said):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_load.py"), "--rows", rows],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert said in done.stderr and "choose from predictions, map, overlay, eager, frozen, unfrozen" in done.stderr
+    assert "[compare]" not in done.stdout  # no archive built, no server started
