@@ -55,10 +55,13 @@ import loadtest  # noqa: E402
 from tslocal import ROOT, LocalServer, default_mar  # noqa: E402
 
 MODEL = "efficientnet_lite0"
-GLIBC_MODEL = "efficientnet_lite0_glibc"
-EAGER_MODEL = "efficientnet_lite0_eager"
-FROZEN_MODEL = "efficientnet_lite0_frozen"
-UNFROZEN_MODEL = "efficientnet_lite0_unfrozen"
+# Variants of the default archive, served as f"{MODEL}_{key}": the handler settings they change.
+VARIANTS = {
+    "glibc": {"malloc_mmap_threshold_mib": 0, "malloc_trim_threshold_mib": 0},
+    "eager": {"compile": "off", "channels_last": "off"},
+    "frozen": {"compile": "on", "compile_freeze": "on"},
+    "unfrozen": {"compile": "on", "compile_freeze": "off"},
+}
 ROWS = {  # --rows key: (label, server, route, outputs)
     "predictions": ("handler: predictions only", "ours", "predictions", "predictions"),
     "map": ("handler: + Grad-CAM map", "ours", "predictions", "map"),
@@ -174,15 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         store = tmp / "store"
         store.mkdir()
         (store / ours.name).symlink_to(ours)
-        variants = {"glibc": (GLIBC_MODEL, dict(malloc_mmap_threshold_mib=0, malloc_trim_threshold_mib=0)),
-                    "eager": (EAGER_MODEL, dict(compile="off", channels_last="off")),
-                    "frozen": (FROZEN_MODEL, dict(compile="on", compile_freeze="on")),
-                    "unfrozen": (UNFROZEN_MODEL, dict(compile="on", compile_freeze="off"))}
         archives = [ours.name] if "ours" in needed else []
-        for which, (name, handler) in variants.items():
+        for which, handler in VARIANTS.items():
             if which in needed:
-                build_variant(ours, store, name, **handler)
-                archives.append(f"{name}.mar")
+                build_variant(ours, store, f"{MODEL}_{which}", **handler)
+                archives.append(f"{MODEL}_{which}.mar")
         stock_env = malloc_env(config)
         speed = (f"compile {config['compile']}, channels_last {config['channels_last']}, "
                  f"compile_freeze {config.get('compile_freeze', 'off')}")
@@ -199,9 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 build_stock_archive(ours, store)
                 stock = servers_up.enter_context(LocalServer(store, ["stock_lite0.mar"], tmp / "stock",
                                                              env=stock_env))
-            servers = {"ours": (mine, MODEL), "glibc": (mine, GLIBC_MODEL), "eager": (mine, EAGER_MODEL),
-                       "frozen": (mine, FROZEN_MODEL), "unfrozen": (mine, UNFROZEN_MODEL),
-                       "stock": (stock, "stock_lite0")}
+            servers = {"ours": (mine, MODEL), "stock": (stock, "stock_lite0"),
+                       **{which: (mine, f"{MODEL}_{which}") for which in VARIANTS}}
             for rnd in range(args.rounds):
                 for label, which, route, outputs in rows:
                     server, model = servers[which]
