@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -254,6 +255,21 @@ def _wait_ready(server: LocalServer, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
+def _wait_refused(port: int, timeout: float = 30) -> float:
+    """The monotonic time when 127.0.0.1:port first refuses a connection."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                pass
+        except ConnectionRefusedError:
+            return time.monotonic()
+        except OSError:
+            pass  # a full backlog drops the SYN: still open
+        time.sleep(0.002)
+    raise TimeoutError(f"port {port} still accepts connections {timeout:.0f} s after SIGKILL")
+
+
 def _port(server: LocalServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
@@ -272,16 +288,22 @@ def summarize(outcomes: list[Outcome], events: dict, ports: dict[str, int]) -> d
 
     kill_rows = phase(kill, term)
     term_rows = phase(term, None)
-    in_flight_kill = [o for o in outcomes if kill is not None and o.sent <= kill < o.done
+    # In flight on A when it was killed: sent before A's port closed (a request that reached the
+    # dying A's port is lost with it), not done before the SIGKILL, and sent to A first.
+    closed = events.get("port_closed_s", kill)
+    in_flight_kill = [o for o in outcomes if kill is not None and o.sent <= closed and o.done > kill
                       and addr["A"] in o.upstream.split(",")[0]]
     report = {
         "load_s": round(max((o.done for o in outcomes), default=0.0), 1),
         "sent": len(outcomes),
         "answered_200": sum(o.status == "200" for o in outcomes),
         "lost": len(lost(outcomes)),
+        "lost_requests": [{"sent_s": round(o.sent, 3), "done_s": round(o.done, 3), "status": o.status,
+                           "upstream": o.upstream} for o in lost(outcomes)],
         "statuses": dict(Counter(o.status for o in outcomes)),
         "sigkill": {
-            "at_s": kill, "in_flight_on_killed_replica": len(in_flight_kill),
+            "at_s": kill, "port_closed_after_s": None if kill is None or closed is None else round(closed - kill, 3),
+            "in_flight_on_killed_replica": len(in_flight_kill),
             "in_flight_lost": len(lost(in_flight_kill)),
             "lost": len(lost(kill_rows)), "statuses_lost": dict(Counter(o.status for o in lost(kill_rows))),
             "lost_not_in_flight": len([o for o in lost(kill_rows) if o not in in_flight_kill]),
@@ -309,6 +331,8 @@ def table(report: dict, args: argparse.Namespace) -> str:
         ("requests sent / answered 200 / lost", f"{report['sent']} / {report['answered_200']} / {report['lost']}"),
         ("statuses", ", ".join(f"{s}: {n}" for s, n in sorted(report["statuses"].items()))),
         ("SIGKILL replica A at", f"{k['at_s']:.1f} s" if k["at_s"] is not None else "-"),
+        ("  A's port refuses connections after", f"{1000 * k['port_closed_after_s']:.0f} ms"
+         if k.get("port_closed_after_s") is not None else "-"),
         ("  in flight on A / lost of them", f"{k['in_flight_on_killed_replica']} / {k['in_flight_lost']}"),
         ("  lost that were not in flight on A", str(k["lost_not_in_flight"])),
         ("  refused by dead A, retried on B", str(k["retried_to_other_replica"])),
@@ -372,11 +396,14 @@ def main(argv: list[str] | None = None) -> int:
             for server in (a, b):
                 server.stop()
         outcomes = events.pop("_outcomes")
+        errors = tmp / "nginx" / "error.log"
+        nginx_errors = errors.read_text(errors="replace").splitlines()[-20:] if errors.exists() else []
 
     report = summarize(outcomes, events, ports)
     report["config"] = {"concurrency": args.concurrency, "duration_s": args.duration, "kill_after_s": args.kill_after,
                         "probe_period_s": args.probe_period, "drain_delay_s": args.drain_delay,
                         "archive": mar.name, "photos": list(PHOTOS)}
+    report["nginx_errors"] = nginx_errors  # its last lines: why a lost request was lost
     print(table(report, args))
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(report, indent=2))
@@ -386,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
           and k["back_in_rotation_after_s"] is not None)
     if not ok:
         say("target missed: requests lost on SIGTERM, or lost on SIGKILL beyond those in flight, or no recovery")
+        for row in report["lost_requests"]:
+            say(f"lost: {row}")
+        say("nginx's last errors:\n" + "\n".join(nginx_errors))
     return 0 if ok else 1
 
 
@@ -470,7 +500,12 @@ def _run(args, a: LocalServer, b: LocalServer, nginx: Nginx, images: list[bytes]
         java = a.frontend_pid()
         events["kill_s"] = time.monotonic() - t0
         os.killpg(os.getpgid(java), signal.SIGKILL)
-        say(f"SIGKILL replica A (frontend pid {java}) at {events['kill_s']:.1f} s")
+        # The kernel frees a dead JVM's memory before it closes its sockets: until then A's port
+        # still accepts connections, and a request nginx sends there is lost with A, like one in
+        # flight. Such requests are counted with those in flight, up to the moment the port refuses.
+        events["port_closed_s"] = _wait_refused(ports["A"]) - t0
+        say(f"SIGKILL replica A (frontend pid {java}) at {events['kill_s']:.1f} s; its port refuses connections "
+            f"{1000 * (events['port_closed_s'] - events['kill_s']):.0f} ms later")
         a.proc.wait(timeout=30)  # the entry point exits
         deadline = time.monotonic() + 4 * rotation.period * rotation.failures
         while "A" not in rotation.out and time.monotonic() < deadline:

@@ -722,6 +722,25 @@ def test_nginx_config_routes_like_the_service(tmp_path):
         assert done.returncode == 0, done.stderr
 
 
+def test_requests_that_reach_a_killed_replica_before_its_port_closes_count_as_in_flight():
+    """The kernel frees a dead JVM before it closes its port: a request sent then is lost with it."""
+    import failover
+
+    a, b = "127.0.0.1:9001", "127.0.0.1:9002"
+    Outcome = failover.Outcome
+    outcomes = [Outcome(4.0, 5.10, "502", a),        # in flight at the SIGKILL (5.0)
+                Outcome(5.02, 5.10, "502", a),       # reached A's port before it closed (5.06)
+                Outcome(5.08, 5.30, "502", a),       # sent after the port closed: a real loss
+                Outcome(5.07, 5.40, "200", f"{a}, {b}"),  # refused by A, retried on B
+                Outcome(4.0, 4.90, "200", a), Outcome(5.0, 5.5, "200", b)]
+    report = failover.summarize(outcomes, {"kill_s": 5.0, "port_closed_s": 5.06}, {"A": 9001, "B": 9002})
+    k = report["sigkill"]
+    assert (k["in_flight_on_killed_replica"], k["in_flight_lost"], k["lost_not_in_flight"]) == (2, 2, 1)
+    assert k["port_closed_after_s"] == pytest.approx(0.06)
+    assert k["retried_to_other_replica"] == 1
+    assert [r["sent_s"] for r in report["lost_requests"]] == [4.0, 5.02, 5.08]
+
+
 @pytest.mark.server
 def test_failover_brief_run(tmp_path):
     """scripts/failover.py, short: nothing lost on SIGTERM, only in-flight requests on SIGKILL."""
