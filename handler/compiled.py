@@ -111,14 +111,16 @@ class CompiledPass:
         backend: ``torch.compile`` backend.
         mode: ``torch.compile`` mode (``None``/``""`` for the default).
         cache: inductor's cache folder; empty for :func:`cache_dir`'s default.
-        freeze: inductor only: fold the weights into the backbone's graph as constants (conv
-            weights pre-packed for the CPU's kernels, batch norms folded) instead of reading them
-            as inputs on every call. The graph above the target layer trains (it is
-            differentiated) and is never frozen.
+        freeze: inductor only: fold the weights into the backbone's graph as constants (batch
+            norms folded into the convolutions) instead of reading them as inputs on every call.
+            The graph above the target layer trains (it is differentiated) and is never frozen.
+        options: more inductor options for a frozen backbone, over this class's own (benchmarks
+            compare with them, e.g. ``{"cpp.weight_prepack": True}``).
     """
 
     def __init__(self, engine, batch_size: int, batch_mode: str = "buckets", backend: str = "inductor",
-                 mode: str | None = None, cache: str = "", freeze: bool = False) -> None:
+                 mode: str | None = None, cache: str = "", freeze: bool = False,
+                 options: dict | None = None) -> None:
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {', '.join(BATCH_MODES)}, not '{batch_mode}'")
         folder = cache_dir(cache)
@@ -151,11 +153,18 @@ class CompiledPass:
         # options, and a frozen model compiled after an unfrozen one in the same process (the
         # archiver times both) would run the unfrozen graphs and never freeze.
         # (torch.compile takes a mode or options, not both: the mode's options then go in too.)
-        options = None
+        # The conv weights are not pre-packed: pre-packed weights are oneDNN tensors, which
+        # inductor's graph cache cannot pickle, so it would skip every frozen backbone and each
+        # restarted worker would lower it again. Pre-packing measured no faster on the CPU
+        # (lite0, resnet50, mobilenet_v2, batch 1 and 8, either layout): folding the batch norms
+        # and constants is what freezing gives.
+        extra, options = options, None
         if self.frozen:
             from torch._inductor import list_mode_options
 
-            options, mode = {**(list_mode_options(mode, False) if mode else {}), "freezing": True}, None
+            options = {**(list_mode_options(mode, False) if mode else {}), "freezing": True,
+                       "cpp.weight_prepack": False, **(extra or {})}
+            mode = None
         engine.model = torch.compile(engine.model, backend=backend, mode=mode or None, dynamic=False,
                                      options=options)
         if self.frozen:

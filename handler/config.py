@@ -52,9 +52,9 @@ class ServeConfig:
         compile_batch: ``buckets`` (pad batches to powers of two) or ``dynamic`` (the batch
             dimension marked dynamic): the graphs every batch size needs, compiled at load.
         compile_freeze: inductor: freeze the backbone below the target layer (weights folded in
-            as constants, conv weights pre-packed for the CPU's kernels): ``on``, ``off``, or
-            ``auto`` (resolved by the archiver like ``channels_last``: kept where it is 5% faster,
-            since a frozen worker restarts slower). Costs a second copy of the weights in memory.
+            as constants, batch norms folded): ``on``, ``off``, or ``auto`` (resolved by the
+            archiver like ``channels_last``: kept where it is 5% faster, since a frozen worker
+            starts slower). Costs a second copy of the weights in memory.
         compile_cache_dir: inductor's cache folder (empty: ``~/.cache/gradcam-serve/inductor``,
             shared by every worker and server of the user, so restarts load compiled kernels).
         tuning: what the archiver measured when it resolved ``auto`` (informational).

@@ -419,9 +419,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "(default: %(default)s)")
     fast.add_argument("--compile-freeze", choices=SWITCHES, default="auto",
                       help="inductor: freeze the compiled backbone below the target layer (weights folded in as "
-                           "constants, conv weights pre-packed; a second copy of the weights in memory, and a "
-                           "restarted worker takes longer: inductor's cache does not hold frozen graphs); auto "
-                           "keeps it where it is 5%% faster (default: %(default)s)")
+                           "constants, batch norms folded; a second copy of the weights in memory, and a "
+                           "restarted worker takes about 10 s longer: it traces and freezes the backbone again); "
+                           "auto keeps it where it is 5%% faster (default: %(default)s)")
     fast.add_argument("--compile-cache-dir", default="",
                       help="inductor's cache folder on the server (default: ~/.cache/gradcam-serve/inductor, "
                            "shared by its workers, so a restarted worker loads its compiled kernels)")

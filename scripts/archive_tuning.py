@@ -55,10 +55,10 @@ def tune(model, config, batch_size: int, device: str, reps: int = 7) -> dict:
     Each option is kept only when it is correct (its normalised maps within 1e-4 of the eager
     pass's: fp32 rounding alone puts two correct passes ~1e-5 apart, a wrong pass is off by
     tenths) and at least 5% faster than going without it: timings on a busy machine are noisy, a
-    compiled worker pays for compiling at every cold start, and a frozen one again at every
-    restart (inductor's cache does not hold frozen graphs). The compiled pass is timed in every
-    layout and freezing left open: the layout that is faster eager is not always the faster
-    compiled (a frozen CPU graph packs the conv weights for its own kernels). Every option is built
+    compiled worker pays for compiling at every cold start, and a frozen one pays for tracing and
+    freezing again at every restart (AOTAutograd's cache skips frozen graphs). The compiled pass
+    is timed in every layout and freezing left open: the layout that is faster eager is not always
+    the faster compiled. Every option is built
     and compiled first, then all are timed in the same interleaved rounds.
 
     Returns:

@@ -19,6 +19,10 @@ alike; the table reports the median round.
     engine_compiled_unfrozen   the same without freezing (compile_freeze off)
     engine_compiled_cl     compiled and channels-last
     engine_compiled_cl_unfrozen   the same without freezing (compile_freeze off)
+    engine_compiled_cl_prepacked  engine_compiled_cl with its conv weights pre-packed for oneDNN
+                           (inductor's default under freezing; the worker does not pre-pack, so
+                           that inductor's graph cache holds the frozen graphs): not in the
+                           default rows, and never the "best configuration"
     pytorch-grad-cam   GradCAM, targets=None (top-1 from its own forward); for token and
                        channels-last layers with the matching reshape_transform
     captum             LayerGradCam (+ one extra inference forward for the top-5 and targets)
@@ -82,7 +86,11 @@ ROWS = ("plain", "engine_fp32", "engine_bf16", "engine_channels_last", "engine_c
 # options: (channels_last, torch.compile, inductor freezing of the backbone).
 _ENGINE_VARIANTS = {"engine_channels_last": (True, False, False), "engine_compiled": (False, True, True),
                     "engine_compiled_unfrozen": (False, True, False),
-                    "engine_compiled_cl": (True, True, True), "engine_compiled_cl_unfrozen": (True, True, False)}
+                    "engine_compiled_cl": (True, True, True), "engine_compiled_cl_unfrozen": (True, True, False),
+                    "engine_compiled_cl_prepacked": (True, True, True)}
+# Rows that compare a choice the worker does not make: extra inductor options, never "best".
+_COMPARISONS = {"engine_compiled_cl_prepacked": {"cpp.weight_prepack": True}}
+ALL_ROWS = (*ROWS, *_COMPARISONS)
 # Library rows: (distribution, import name).
 _LIBRARIES = {"pytorch-grad-cam": ("grad-cam", "pytorch_grad_cam"), "captum": ("captum", "captum"),
               "torchcam": ("torchcam", "torchcam")}
@@ -227,7 +235,7 @@ def make_rows(model: nn.Module, x: torch.Tensor, size: int, wanted: list[str],
             if compiled:
                 engines[row].batched_targets = False
                 # Compiles on the warm-up call, at this batch size.
-                CompiledPass(engines[row], n, mode=compile_mode or None, freeze=freeze)
+                CompiledPass(engines[row], n, mode=compile_mode or None, freeze=freeze, options=_COMPARISONS.get(row))
     layer = dict(model.named_modules())[layer_name]
     reshape = None if layout.kind == "nchw" else layout.to_nchw
     if layout.kind != "nchw":
@@ -487,7 +495,7 @@ def target_checks(results: list[dict], device_type: str) -> list[dict]:
     # on the CPU at least 1.4x for the CNN rows.
     for model in dict.fromkeys(r["model"] for r in results):
         eng = by.get((model, "engine_fp32"))
-        options = [by[(model, row)] for row in _ENGINE_VARIANTS if (model, row) in by]
+        options = [by[(model, row)] for row in _ENGINE_VARIANTS if (model, row) in by and row not in _COMPARISONS]
         if eng is None or not options:
             continue
         best = max(options, key=lambda r: r["images_per_s"])
@@ -561,7 +569,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (1 on CPU, 5 on CUDA)")
     parser.add_argument("--engine-maps", choices=("uint8", "float32"), default="uint8",
                         help="the engine rows' map form on the host (the handler ships uint8)")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma list of {', '.join(ALL_ROWS)} (default: all but {', '.join(_COMPARISONS)})")
     parser.add_argument("--multi-models", default="tf_efficientnet_lite0,resnet50",
                         help="models of the several-classes table ('' to skip it)")
     parser.add_argument("--multi-k", default="1,3,5", help="classes per image in that table")
@@ -584,9 +593,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default bench_results/bench_cam_<device type>.json")
     args = parser.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
-    unknown = sorted(set(args.rows) - set(ROWS))
+    unknown = sorted(set(args.rows) - set(ALL_ROWS))
     if unknown:
-        parser.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+        parser.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ALL_ROWS)}")
     missing = [f"{row} (pip install {_LIBRARIES[row][0]})" for row in args.rows
                if row in _LIBRARIES and importlib.util.find_spec(_LIBRARIES[row][1]) is None]
     if missing:

@@ -3,9 +3,9 @@
 
 A compiled worker compiles every batch bucket in ``initialize`` (no request pays for it). The
 kernels land in inductor's cache, so a restarted worker, or a new server of the same user,
-loads them instead of compiling, except the frozen backbone's graphs, which inductor's graph cache
-does not hold: a warm start lowers them again (their C++ kernels come from the cache). For each
-archive (the default model: eager, compiled, compiled and frozen):
+loads them instead of compiling; a frozen backbone is still traced and frozen again on each start
+(AOTAutograd's cache skips graphs compiled with freezing), its compiled code comes from the
+cache. For each archive (the default model: eager, compiled, compiled and frozen):
 
   cold server   a new TorchServe and an empty kernel cache: until the worker is READY
   warm worker   the worker SIGKILLed: until TorchServe's restarted worker is READY

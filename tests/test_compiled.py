@@ -10,10 +10,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from test_cam import _calibrated
 from test_handler import _batch, _handler, _png, model_dir  # noqa: F401 (fixture)
 
@@ -157,15 +161,17 @@ def test_a_frozen_and_an_unfrozen_model_of_one_class_in_one_process_each_run_the
     for name in order:
         engine = CamEngine(copy.deepcopy(models[name]), "layer4", input_size=(SIZE, SIZE), batched_targets=False)
         CompiledPass(engine, batch_size=2, freeze=name == "frozen")
-        packed = counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"]
+        folded = counters["inductor"]["binary_folding_conv"]
         graphs = counters["stats"]["unique_graphs"]
         passes[name] = engine.forward(x)
         # Frozen graphs hold their model's weights: a frozen model compiles its own. An unfrozen
         # model may share unfrozen graphs (weights are their inputs), never frozen ones.
         if name == "frozen":
             assert counters["stats"]["unique_graphs"] > graphs, "the frozen model compiled no graph of its own"
-        grew = counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] > packed
-        assert grew == (name == "frozen"), f"the {name} model's conv weights packed: {grew}"
+        # Freezing folds the batch norms into the convolutions (before inductor's cache lookup,
+        # so also when the graph comes from the cache).
+        grew = counters["inductor"]["binary_folding_conv"] > folded
+        assert grew == (name == "frozen"), f"the {name} model's batch norms folded: {grew}"
     for name, model in models.items():
         want = CamEngine(copy.deepcopy(model), "layer4", input_size=(SIZE, SIZE)).forward(x).logits
         torch.testing.assert_close(passes[name].logits, want, atol=1e-4, rtol=1e-4)
@@ -238,6 +244,52 @@ def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load
     statuses, _ = _batch(service, context, [{"body": _png()}] * 9)
     assert statuses == [200] * 9
     assert "a batch of 9 compiled" in caplog.text
+
+
+def test_a_restarted_frozen_worker_finds_every_graph_in_inductors_cache(model_dir, tmp_path):  # noqa: F811
+    """A frozen backbone holds its weights as constants: were its conv weights pre-packed (oneDNN
+    tensors, which the graph cache cannot pickle), inductor would skip caching it and every
+    restarted worker would compile it again. Two worker starts, each in a fresh process; the
+    second serves other weights (a retrained model on the same machine), which a cached graph
+    must not replace by the first's."""
+    from safetensors.torch import load_file, save_file
+
+    retrained = tmp_path / "retrained"
+    shutil.copytree(model_dir, retrained)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    save_file({k: v.flip(0) if v.ndim and v.shape[0] > 1 else v for k, v in weights.items()},
+              str(retrained / "model.safetensors"))
+    script = (
+        "import json, sys\n"
+        f"sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]\n"
+        "from pathlib import Path\n"
+        "from test_handler import _batch, _handler, _png\n"
+        "from torch._dynamo.utils import counters\n"
+        "folder = Path(sys.argv[1])\n"
+        "compiled = _handler(folder, compile='on', compile_freeze='on', compile_batch='dynamic',\n"
+        f"                   compile_cache_dir={str(tmp_path / 'inductor')!r})\n"
+        "items = [{'body': _png()}, {'body': _png((60, 90))}]\n"
+        "answers = [_batch(*h, items)[1] for h in (compiled, _handler(folder))]\n"
+        "print(json.dumps({'counters': dict(counters['inductor']), 'compiled': answers[0], 'eager': answers[1]}))\n")
+    runs = []
+    for folder in (model_dir, retrained):
+        done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = (run["counters"] for run in runs)
+    assert first.get("fxgraph_cache_bypass", 0) == 0, first
+    assert first.get("fxgraph_cache_miss", 0) >= 2, first  # the frozen backbone and the head at least
+    assert second.get("fxgraph_cache_bypass", 0) == 0 and second.get("fxgraph_cache_miss", 0) == 0, second
+    assert second["fxgraph_cache_hit"] == first["fxgraph_cache_miss"], (first, second)
+    for run in runs:  # each start serves its own weights, as its eager worker does
+        for got, want in zip(run["compiled"], run["eager"], strict=True):
+            assert [p["class_id"] for p in got["predictions"]] == [p["class_id"] for p in want["predictions"]]
+            assert [p["probability"] for p in got["predictions"]] == pytest.approx(
+                [p["probability"] for p in want["predictions"]], abs=1e-4)
+            torch.testing.assert_close(torch.tensor(got["cams"][0]["map"]), torch.tensor(want["cams"][0]["map"]),
+                                       atol=2e-3, rtol=0)
+    assert runs[0]["eager"] != runs[1]["eager"]  # other weights, other answers: the check is not vacuous
 
 
 def test_a_worker_that_cannot_compile_serves_eager_after_one_warning(model_dir, tmp_path, caplog,  # noqa: F811
