@@ -58,8 +58,8 @@ def tune(model, config, batch_size: int, device: str, reps: int = 7) -> dict:
     compiled worker pays for compiling at every cold start, and a frozen one pays for tracing and
     freezing again at every restart (AOTAutograd's cache skips frozen graphs). The compiled pass
     is timed in every layout and freezing left open: the layout that is faster eager is not always
-    the faster compiled. Every option is built
-    and compiled first, then all are timed in the same interleaved rounds.
+    the faster compiled. Every option is built and compiled first, then all are timed in the same
+    interleaved rounds.
 
     Returns:
         ``config.tuning``: the device, batch, images/s per option and the choice.
