@@ -158,15 +158,15 @@ class CompiledPass:
         # restarted worker would lower it again. Pre-packing measured no faster on the CPU
         # (lite0, resnet50, mobilenet_v2, batch 1 and 8, either layout): folding the batch norms
         # and constants is what freezing gives.
-        extra, options = options, None
+        compile_options = None
         if self.frozen:
             from torch._inductor import list_mode_options
 
-            options = {**(list_mode_options(mode, False) if mode else {}), "freezing": True,
-                       "cpp.weight_prepack": False, **(extra or {})}
+            compile_options = {**(list_mode_options(mode, False) if mode else {}), "freezing": True,
+                               "cpp.weight_prepack": False, **(options or {})}
             mode = None
         engine.model = torch.compile(engine.model, backend=backend, mode=mode or None, dynamic=False,
-                                     options=options)
+                                     options=compile_options)
         if self.frozen:
             engine.model = _Frozen(engine.model)
         engine.batch_buckets = self.sizes if batch_mode == "buckets" else None

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as servers_up:
             mine = stock = None
             if archives:
-                # Three compiled workers compile their batch buckets at load: minutes on 2 cores.
+                # Its compiled workers compile their batch buckets at load: minutes on 2 cores.
                 mine = LocalServer(store, archives, tmp / "ours")
                 servers_up.callback(mine.stop)
                 mine.start(timeout=900)

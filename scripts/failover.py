@@ -302,7 +302,7 @@ def summarize(outcomes: list[Outcome], events: dict, ports: dict[str, int]) -> d
                            "upstream": o.upstream} for o in lost(outcomes)],
         "statuses": dict(Counter(o.status for o in outcomes)),
         "sigkill": {
-            "at_s": kill, "port_closed_after_s": None if kill is None or closed is None else round(closed - kill, 3),
+            "at_s": kill, "port_closed_after_s": None if kill is None else round(closed - kill, 3),
             "in_flight_on_killed_replica": len(in_flight_kill),
             "in_flight_lost": len(lost(in_flight_kill)),
             "lost": len(lost(kill_rows)), "statuses_lost": dict(Counter(o.status for o in lost(kill_rows))),
@@ -332,7 +332,7 @@ def table(report: dict, args: argparse.Namespace) -> str:
         ("statuses", ", ".join(f"{s}: {n}" for s, n in sorted(report["statuses"].items()))),
         ("SIGKILL replica A at", f"{k['at_s']:.1f} s" if k["at_s"] is not None else "-"),
         ("  A's port refuses connections after", f"{1000 * k['port_closed_after_s']:.0f} ms"
-         if k.get("port_closed_after_s") is not None else "-"),
+         if k["port_closed_after_s"] is not None else "-"),
         ("  in flight on A / lost of them", f"{k['in_flight_on_killed_replica']} / {k['in_flight_lost']}"),
         ("  lost that were not in flight on A", str(k["lost_not_in_flight"])),
         ("  refused by dead A, retried on B", str(k["retried_to_other_replica"])),
