@@ -161,9 +161,14 @@ class CamPass:
             return self.activation.new_zeros((0, *self.activation.shape))
         try:
             if batched and rounds > 1:
-                seed = self.logits.new_zeros((rounds, *self.logits.shape))
-                for r, (row, cls) in enumerate(zip(rows, classes, strict=True)):
-                    seed[r, row, cls] = 1.0
+                # One-hot seeds by a scatter of flat indices. Not ``seed[r, row, cls] = 1.0``:
+                # on CUDA that index_put_ copies its value from a host scalar and waits for the
+                # device (found by tests/test_cam_cuda.py's sync-debug tests on an H200).
+                n, num_classes = self.logits.shape
+                flat = torch.cat([(r * n + row) * num_classes + cls
+                                  for r, (row, cls) in enumerate(zip(rows, classes, strict=True))])
+                seed = self.logits.new_zeros((rounds, n, num_classes))
+                seed.view(-1).scatter_(0, flat, 1.0)
                 (grads,) = torch.autograd.grad(
                     self.logits, self.activation, grad_outputs=seed, is_grads_batched=True
                 )

@@ -102,6 +102,7 @@ class JpegFrame:
         components: colour components (1 grey, 3 YCbCr or RGB, 4 CMYK or YCCK).
         frames: SOF markers seen before the first scan (a well-formed file has one).
         complete: the data ends with the end-of-image marker (a truncated file does not).
+        scan_at: where the first scan's marker (SOS) starts.
     """
 
     marker: int
@@ -110,6 +111,7 @@ class JpegFrame:
     components: int
     frames: int
     complete: bool
+    scan_at: int = 0
 
 
 def jpeg_frame(data: bytes) -> JpegFrame | None:
@@ -145,7 +147,53 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
         return None
     marker, precision, size, components = sofs[0]
     complete = data[-64:].rstrip(b"\0")[-2:] == b"\xff\xd9"  # a little zero padding is common
-    return JpegFrame(marker, precision, size, components, len(sofs), complete)
+    return JpegFrame(marker, precision, size, components, len(sofs), complete, pos)
+
+
+def _scan_stops(data: bytes) -> np.ndarray:
+    """Where entropy-coded data may stop, found at once (numpy): the offsets of the 0xFFs followed
+    by neither a stuffed 0x00, a restart marker (both belong to the scan) nor a fill byte."""
+    buf = np.frombuffer(data, np.uint8)
+    ffs = np.flatnonzero(buf[:-1] == 0xFF)
+    code = buf[ffs + 1]
+    return ffs[(code != 0x00) & (code != 0xFF) & ((code < 0xD0) | (code > 0xD7))]
+
+
+# Markers that may stand between the scans of a sequential JPEG: tables (DHT, DAC, DQT), DNL,
+# DRI, the next scan (SOS), APPn and comments.
+_BETWEEN_SCANS = frozenset({0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xDA, 0xFE, *range(0xE0, 0xF0)})
+
+
+def scans_end_cleanly(data: bytes, scan_at: int) -> bool:
+    """Whether the markers from the first scan (``scan_at``, :attr:`JpegFrame.scan_at`) on walk,
+    segment by segment, to an end-of-image marker: each scan's entropy-coded data stops only at
+    a marker that may come between scans.
+
+    A stray marker inside a scan (a damaged file) makes libjpeg, and so the CPU route, refuse
+    the file; nvJPEG decodes such a file without an error (seen on an H200), so the device
+    route takes only files that pass this walk. About 0.5 ms for a 2 MB camera JPEG. Random
+    damage to the Huffman-coded bits themselves shows no marker: both routes decode that.
+    """
+    stops = _scan_stops(data)
+    pos, end = scan_at, len(data)
+    while True:
+        found = _MARKER.match(data, pos)
+        if found is None:
+            return False
+        pos, code = found.end(), data[found.end() - 1]
+        if code == 0xD9:  # end of image
+            return True
+        if code not in _BETWEEN_SCANS or pos + 2 > end:
+            return False
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2 or pos + length > end:
+            return False
+        pos += length
+        if code == 0xDA:  # the scan's entropy-coded data runs to the next stop
+            at = int(np.searchsorted(stops, pos))
+            if at == len(stops):
+                return False
+            pos = int(stops[at])
 
 
 def dc_scans(data: bytes) -> bytes | None:
@@ -168,12 +216,7 @@ def dc_scans(data: bytes) -> bytes | None:
     """
     if data[:2] != b"\xff\xd8":
         return None
-    # Where entropy-coded data may stop, found at once (numpy): 0xFF followed by neither a stuffed
-    # 0x00, a restart marker (both belong to the scan) nor a fill byte.
-    buf = np.frombuffer(data, np.uint8)
-    ffs = np.flatnonzero(buf[:-1] == 0xFF)
-    code = buf[ffs + 1]
-    stops = ffs[(code != 0x00) & (code != 0xFF) & ((code < 0xD0) | (code > 0xD7))]
+    stops = _scan_stops(data)
     parts, pos, end, dropped, frame = [data[:2]], 2, len(data), False, None
     while pos < end:
         found = _MARKER.match(data, pos)
@@ -516,8 +559,9 @@ def device_refusal(source: ImageSource) -> str | None:
     """Why the device route does not take an image; None when nvJPEG's batched decoder may.
 
     The device route takes complete, 8-bit, sequential (baseline or extended Huffman) JPEGs
-    in YCbCr or grey, with a header Pillow and the marker walk agree on. The rest decodes on
-    the CPU, which reads more of the format (and reports broken files the same way as before).
+    in YCbCr or grey, with a header Pillow and the marker walk agree on, whose scans walk to the
+    end-of-image marker (:func:`scans_end_cleanly`). The rest decodes on the CPU, which reads
+    more of the format (and reports broken files the same way as before).
     """
     frame = source.jpeg
     if source.format != "JPEG":
@@ -534,6 +578,8 @@ def device_refusal(source: ImageSource) -> str | None:
         return "RGB-coded JPEG"  # Adobe's no-transform flag, which nvJPEG may not honour
     if not frame.complete:
         return "JPEG without an end marker"
+    if not scans_end_cleanly(source.data, frame.scan_at):
+        return "JPEG with a damaged scan"
     return None
 
 

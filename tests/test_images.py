@@ -40,6 +40,7 @@ from handler.images import (
     device_refusal,
     jpeg_frame,
     open_image,
+    scans_end_cleanly,
 )
 from handler.render import image_pixels
 
@@ -309,9 +310,32 @@ def test_jpeg_frame_reads_the_frame_header():
     (lambda: _encode(_photo(), "GIF"), "GIF image"),
     (lambda: _encode(_photo(), "TIFF"), "TIFF image"),
     (lambda: (DATA / "chelsea.jpg").read_bytes()[:20000], "JPEG without an end marker"),
+    (lambda: _garbled_jpeg(), "JPEG with a damaged scan"),
 ])
 def test_which_images_the_device_route_takes(data, refusal):
     assert device_refusal(open_image(data(), LIMITS)) == refusal
+
+
+def test_the_scan_walk_passes_whole_jpegs_and_stops_at_a_stray_marker(camera):
+    """nvJPEG decodes a JPEG with a stray marker in its scan (seen on an H200) where libjpeg
+    refuses it: the device route takes only JPEGs whose scans walk to the end-of-image marker."""
+    def walks(data: bytes) -> bool:
+        return scans_end_cleanly(data, jpeg_frame(data).scan_at)
+
+    chelsea = (DATA / "chelsea.jpg").read_bytes()
+    whole = [chelsea, (DATA / "coffee.jpg").read_bytes(), _encode(camera, "JPEG", quality=92),
+             _encode(_photo(), "JPEG", restart_marker_blocks=4),  # restart markers belong to the scan
+             _encode(_photo(), "JPEG", progressive=True),  # many scans, tables between them
+             chelsea + _encode(_photo(), "JPEG")]  # data after the end marker (as in MPO files)
+    assert [walks(data) for data in whole] == [True] * len(whole)
+    assert chelsea[jpeg_frame(chelsea).scan_at : jpeg_frame(chelsea).scan_at + 2] == b"\xff\xda"
+    garbled = _garbled_jpeg()
+    with pytest.raises(InvalidInput, match="corrupt or truncated"):
+        decode_image(garbled, LIMITS)  # the CPU route refuses it
+    at = chelsea.rindex(b"\xff\xd9") - 500
+    stray = chelsea[:at] + b"\xff\xc0" + chelsea[at + 2 :]  # a frame header inside the scan
+    no_end = chelsea[: chelsea.rindex(b"\xff\xd9")] + b"\0" * 4
+    assert [walks(data) for data in (garbled, stray, no_end)] == [False, False, False]
 
 
 def test_the_decoder_routes_only_with_a_device_route():
@@ -560,12 +584,15 @@ def test_one_bad_image_fails_the_device_batch_and_only_itself(camera):
 
     sources = [open_image(_encode(_photo(), "JPEG"), LIMITS), open_image(_garbled_jpeg(), LIMITS),
                open_image((DATA / "coffee.jpg").read_bytes(), LIMITS)]
-    assert [device_refusal(s) for s in sources] == [None, None, None]  # its header looks fine
+    # Its header looks fine; its scan does not, so the batch decoder never sends it to the device
+    # (nvJPEG decodes it: see test_the_scan_walk_...). Handed to the route anyway, it shows the
+    # route's answer to any image its decoder rejects.
+    assert [device_refusal(s) for s in sources] == [None, "JPEG with a damaged scan", None]
     route = DeviceJpegRoute("cpu", decode=decode)
     photos = route.decode(sources, [(224, 224)] * 3)
     assert calls == [3, 1, 1, 1]  # the batch failed, then one by one
     assert [p is None for p in photos] == [False, True, False]
-    # Through the batch decoder, the rejected image goes the CPU route, which answers 400.
+    # Through the batch decoder it goes the CPU route, which answers 400.
     decoder = ImageDecoder(2, DeviceJpegRoute("cpu", decode=_cpu_decode))
     out = decoder.decode([open_image(_encode(_photo(), "JPEG"), LIMITS), open_image(_garbled_jpeg(), LIMITS),
                           open_image(_encode(_photo(), "PNG"), LIMITS)], [(224, 224)] * 3)
