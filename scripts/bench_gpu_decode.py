@@ -16,7 +16,13 @@ Three parts, each printed as a table and written to one JSON file:
 Needs a CUDA device (it exits 2 without one unless --allow-cpu, which checks the script).
 scripts/gpu_check.sh runs it on a lent GPU machine.
 
+With ``--compile-mode default`` or ``reduce-overhead`` the handler part alone runs, on the GPU
+routes, with the served model compiled as an archive with ``--compile on --compile-mode M``
+configures it (every bucket up to the largest of ``--batches`` compiled in ``initialize``): the
+served configuration the README recommends for GPU workers, in process.
+
   python scripts/bench_gpu_decode.py --json-out bench_results/gpu/bench_gpu_decode.json
+  python scripts/bench_gpu_decode.py --compile-mode reduce-overhead --batches 8
 """
 
 from __future__ import annotations
@@ -61,17 +67,17 @@ def _median_rate(fn, items: int, rounds: int) -> float:
     return items / statistics.median(times)
 
 
-def make_handler(model_dir: Path, device: str, **handler):
+def make_handler(model_dir: Path, device: str, batch_size: int = 64, **handler):
     from ts.context import Context
 
     from handler.service import GradCamHandler
 
-    config = {"batchSize": 64, "handler": {"model": "timm:tf_efficientnet_lite0", "num_classes": 1000,
+    config = {"batchSize": batch_size, "handler": {"model": "timm:tf_efficientnet_lite0", "num_classes": 1000,
                                            "labels": "", "target_layer": "auto", "mean": [0.5] * 3,
                                            "std": [0.5] * 3, **handler}}
     manifest = {"model": {"modelName": "lite0", "serializedFile": "model.safetensors"}}
     gpu = 0 if device == "cuda" else None
-    context = Context("lite0", str(model_dir), manifest, 64, gpu, "0.12.0", model_yaml_config=config)
+    context = Context("lite0", str(model_dir), manifest, batch_size, gpu, "0.12.0", model_yaml_config=config)
     service = GradCamHandler()
     service.initialize(context)
     return service, context
@@ -83,10 +89,16 @@ def handler_rows(args, photos: dict[str, bytes], model_dir: Path) -> list[dict]:
     rows = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     routes = [("cpu", "cpu")] + ([("cuda", "cuda")] if device == "cuda" else [])
+    compiled = {}
+    if args.compile_mode != "off":
+        routes = routes[-1:]  # the GPU routes (the CPU's where there is no GPU: a check only)
+        compiled = {"compile": "on", "compile_mode": "" if args.compile_mode == "default" else args.compile_mode}
     for decode_device, encode_device in routes:
         try:
-            service, context = make_handler(model_dir, device, decode_device=decode_device,
-                                            encode_device=encode_device, decode_threads=args.threads)
+            started = time.perf_counter()
+            service, context = make_handler(model_dir, device, max(args.batches), decode_device=decode_device,
+                                            encode_device=encode_device, decode_threads=args.threads, **compiled)
+            print(f"[bench-gpu] handler ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         except ValueError as exc:  # nvJPEG missing: say so and measure the rest
             rows.append({"part": "handler", "decode_device": decode_device, "error": str(exc)})
             print(f"[bench-gpu] {rows[-1]}", file=sys.stderr, flush=True)
@@ -104,7 +116,7 @@ def handler_rows(args, photos: dict[str, bytes], model_dir: Path) -> list[dict]:
                     rate = _median_rate(run, batch, args.rounds)
                     row = {"part": "handler", "photo": kind, "outputs": outputs, "batch": batch,
                            "decode_device": decode_device, "encode_device": encode_device,
-                           "images_per_s": round(rate, 1)}
+                           "compile_mode": args.compile_mode, "images_per_s": round(rate, 1)}
                     rows.append(row)
                     print(f"[bench-gpu] {row}", file=sys.stderr, flush=True)
         service.decoder.close()
@@ -175,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="CPU route decode_threads")
+    p.add_argument("--compile-mode", choices=["off", "default", "reduce-overhead"], default="off",
+                   help="serve the model compiled in this torch.compile mode (handler part only, GPU routes)")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (checks the script only)")
     p.add_argument("--json-out", type=Path, default=ROOT / "bench_results" / "bench_gpu_decode.json")
     args = p.parse_args(argv)
@@ -193,15 +207,25 @@ def main(argv: list[str] | None = None) -> int:
         model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(model_dir / "model.safetensors"))
         rows = handler_rows(args, photos, model_dir)
-    rows += decode_rows(args, photos["4032x2016 baseline JPEG"])
-    rows += encode_rows(args, photos["640x320 JPEG"])
+    if args.compile_mode == "off":
+        rows += decode_rows(args, photos["4032x2016 baseline JPEG"])
+        rows += encode_rows(args, photos["640x320 JPEG"])
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     summary = {"device": device, "torch": torch.__version__, "cpus": os.cpu_count(), "rounds": args.rounds,
-               "cpu_decode_threads": args.threads, "rows": rows}
+               "cpu_decode_threads": args.threads, "compile_mode": args.compile_mode, "rows": rows}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(summary, indent=2))
     print(f"\n{device}, torch {torch.__version__}, {os.cpu_count()} CPUs, median of {args.rounds} rounds\n")
+    if args.compile_mode != "off":
+        print("| photo | outputs | batch | decode + encode | compile mode | img/s |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            if "error" not in r:
+                print(f"| {r['photo']} | {r['outputs']} | {r['batch']} | {r['decode_device']} | {args.compile_mode} | "
+                      f"{r['images_per_s']} |")
+        print(f"\nJSON: {args.json_out}")
+        return 0
     print("| photo | outputs | batch | CPU decode + encode img/s | GPU decode + encode img/s | GPU / CPU |")
     print("| --- | --- | --- | --- | --- | --- |")
     handler = [r for r in rows if r["part"] == "handler" and "error" not in r]

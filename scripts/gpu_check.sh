@@ -8,14 +8,16 @@
 #   3. compile (issue 16): scripts/bench_cam.py, the eager engine against torch.compile's default
 #      mode and reduce-overhead (CUDA graphs) at batch 1, 8 and 64; bf16 with compile. A mode the
 #      pass cannot run under drops its rows with a warning (bench_cam.py) instead of ending the run.
-#   4. engine: bench_cam.py at batch 64 against the CAM libraries.
-#   5. threads: scripts/bench_decode.py, CPU decode threads 0/2/4/8 on the machine's idle cores.
-#   6. autotune: max-autotune at batch 64 (it compiled for over 210 s on an H200).
+#   4. served: bench_gpu_decode.py --compile-mode reduce-overhead, the handler in process as a GPU
+#      worker serves a `--compile on --compile-mode reduce-overhead` archive (buckets 1..8)
+#   5. engine: bench_cam.py at batch 64 against the CAM libraries.
+#   6. threads: scripts/bench_decode.py, CPU decode threads 0/2/4/8 on the machine's idle cores.
+#   7. autotune: max-autotune at batch 64 (it compiled for over 210 s on an H200).
 # Each step has a time budget (seconds; GPU_BUDGET_<STEP> overrides it) and is skipped when the
 # time left (GPU_CHECK_SECONDS, default 540, counted from the start) does not cover its minimum.
-# GPU_CHECK_STEPS picks steps (default "tests decode compile engine threads autotune"; the first
-# GPU session, 2026-11-27, ran tests, decode and compile: the README has its figures, so the next
-# one may start with GPU_CHECK_STEPS="tests engine threads autotune"). After every step, all logs,
+# GPU_CHECK_STEPS picks steps (default "tests decode compile served engine threads autotune"; the
+# first GPU session, 2026-11-27, ran tests, decode and compile: the README has its figures, so the
+# next one may run GPU_CHECK_STEPS="tests served engine threads autotune"). After every step, all logs,
 # tables and JSON are packed into $OUT/gpu_results.tar.gz (the device tool returns at most 8
 # files) beside $OUT/summary.txt; without $OUT they stay in bench_results/gpu/.
 # Prepare here first (scripts/gpu_prepare.sh), then call the device tool with
@@ -27,7 +29,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 start=$SECONDS
 total="${GPU_CHECK_SECONDS:-540}"
-steps="${GPU_CHECK_STEPS:-tests decode compile engine threads autotune}"
+steps="${GPU_CHECK_STEPS:-tests decode compile served engine threads autotune}"
 quick="${GPU_CHECK_QUICK:-}"  # tiny iterations: a check of this script, no figures
 work="bench_results/gpu"
 rm -rf "$work"
@@ -85,7 +87,8 @@ if want tests; then
   run_step tests 60 "$(budget TESTS 150)" tests.log "$PY" -m pytest -q -p no:cacheprovider -rs \
     tests/test_cam_cuda.py tests/test_images_cuda.py \
     tests/test_handler.py::test_on_a_gpu_the_answers_equal_the_cpu_answers \
-    tests/test_compiled.py::test_on_a_gpu_compiled_maps_equal_eager
+    tests/test_compiled.py::test_on_a_gpu_compiled_maps_equal_eager \
+    tests/test_compiled.py::test_a_gpu_worker_with_cuda_graphs_answers_as_the_eager_gpu_worker
   tail -n 3 "$work/tests.log" | sed 's/^/    /' >&2
 fi
 
@@ -116,6 +119,13 @@ if want compile; then
     compile_run reduce-overhead "$batch" fp32 "$lite" plain,engine_fp32,engine_compiled 40 60
   done
   compile_run "" 64 bf16 "$lite" plain,engine_bf16,engine_compiled,engine_compiled_cl 50 90
+fi
+
+if want served; then
+  if [ -n "$quick" ]; then srv=(--allow-cpu --compile-mode default --batches 2 --rounds 1); else
+    srv=(--compile-mode reduce-overhead --batches 8 --rounds 5); fi
+  run_step served 60 "$(budget SERVED 150)" served.log \
+    "$PY" scripts/bench_gpu_decode.py "${srv[@]}" --json-out "$work/bench_served_reduce_overhead.json"
 fi
 
 if want engine; then

@@ -206,9 +206,28 @@ def test_compiled_maps_of_token_and_channels_last_layouts_equal_eager(key):
     assert compiled_error <= max(1e-5, 2 * eager_error), (compiled_error, eager_error)
 
 
-def _compiled_handler(model_dir, caplog, **handler):  # noqa: F811
+def _compiled_handler(model_dir, caplog, gpu: int | None = None, **handler):  # noqa: F811
     with caplog.at_level(logging.INFO):
-        return _handler(model_dir, compile="on", **handler)
+        return _handler(model_dir, gpu, compile="on", **handler)
+
+
+def _answers_as_eager_in_batches_of_1_to_4(eager, compiled) -> None:
+    """Batches of 1..4 requests (buckets 1, 2, 4, 4), one of them bad: the compiled worker's
+    statuses, classes and maps equal the eager worker's."""
+    items = [{"body": _png()}, {"image": _png((40, 90)), "cam_classes": "top2", "cam_method": "gradcam++"},
+             {"body": b"not an image"}, {"body": _png((70, 30)), "outputs": "map,heatmap"}]
+    for n in range(1, len(items) + 1):
+        want_status, want = _batch(*eager, items[:n])
+        got_status, got = _batch(*compiled, items[:n])
+        assert got_status == want_status
+        for g, w in zip(got, want):
+            if "error" in w:
+                assert g["error"] == w["error"]
+                continue
+            assert [p["class_id"] for p in g["predictions"]] == [p["class_id"] for p in w["predictions"]]
+            for gc, wc in zip(g["cams"], w["cams"], strict=True):
+                assert gc["class_id"] == wc["class_id"]
+                torch.testing.assert_close(torch.tensor(gc["map"]), torch.tensor(wc["map"]), atol=2e-3, rtol=0)
 
 
 def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load(model_dir, tmp_path,  # noqa: F811
@@ -223,20 +242,7 @@ def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load
             "1/2/4/8") in caplog.text
     assert any((tmp_path / "inductor").iterdir())  # the cache a restarted worker finds
     frames_after_load = counters["stats"]["unique_graphs"]
-    items = [{"body": _png()}, {"image": _png((40, 90)), "cam_classes": "top2", "cam_method": "gradcam++"},
-             {"body": b"not an image"}, {"body": _png((70, 30)), "outputs": "map,heatmap"}]
-    for n in range(1, len(items) + 1):  # batch sizes 1..4: buckets 1, 2, 4, 4
-        want_status, want = _batch(eager, eager_context, items[:n])
-        got_status, got = _batch(service, context, items[:n])
-        assert got_status == want_status
-        for g, w in zip(got, want):
-            if "error" in w:
-                assert g["error"] == w["error"]
-                continue
-            assert [p["class_id"] for p in g["predictions"]] == [p["class_id"] for p in w["predictions"]]
-            for gc, wc in zip(g["cams"], w["cams"], strict=True):
-                assert gc["class_id"] == wc["class_id"]
-                torch.testing.assert_close(torch.tensor(gc["map"]), torch.tensor(wc["map"]), atol=2e-3, rtol=0)
+    _answers_as_eager_in_batches_of_1_to_4((eager, eager_context), (service, context))
     assert counters["stats"]["unique_graphs"] == frames_after_load, "a batch size compiled after load"
     assert "new graph(s) after load" not in caplog.text
     # TorchServe never hands over more than batchSize requests; if anything did compile anew,
@@ -426,3 +432,26 @@ def test_on_a_gpu_compiled_maps_equal_eager(mode, monkeypatch):
     want = normalize_maps(eager.cams(eager.forward(xd), rows, classes, methods))
     assert float(want.amax()) == pytest.approx(1.0, abs=1e-6)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_worker_with_cuda_graphs_answers_as_the_eager_gpu_worker(model_dir, tmp_path, caplog,  # noqa: F811
+                                                                       monkeypatch):
+    """The configuration the README recommends for GPU workers (compile on, reduce-overhead):
+    every bucket recorded in initialize, then batches of 1..4 answered as the eager GPU worker
+    answers them, with nothing compiled after load. (Not yet run on a GPU when written.)"""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    eager = _handler(model_dir, gpu=0)
+    service, context = _compiled_handler(model_dir, caplog, gpu=0, compile_mode="reduce-overhead",
+                                         compile_cache_dir=str(tmp_path / "inductor"))
+    assert service.device == torch.device("cuda:0")
+    assert service.compiled is not None and service.compiled.sizes == (1, 2, 4, 8)
+    assert "reduce-overhead" in caplog.text
+    frames_after_load = counters["stats"]["unique_graphs"]
+    for _ in range(2):  # CUDA graphs replay from the second call of a bucket on
+        _answers_as_eager_in_batches_of_1_to_4(eager, (service, context))
+    assert counters["stats"]["unique_graphs"] == frames_after_load, "a batch size compiled after load"
+    assert "new graph(s) after load" not in caplog.text
