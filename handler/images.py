@@ -611,7 +611,11 @@ class ImageDecoder:
         """``"device"`` or ``"cpu"``: where each image is decoded."""
         if self.device_route is None:
             return ["cpu"] * len(sources)
-        return ["device" if device_refusal(s) is None else "cpu" for s in sources]
+        # The scan walk reads every byte of each JPEG (about 0.5 ms for 2 MB, in numpy, which
+        # lets go of the GIL): on the pool when there is one.
+        use_pool = self._pool is not None and len(sources) > 1
+        refusals = self._pool.map(device_refusal, sources) if use_pool else map(device_refusal, sources)
+        return ["device" if refusal is None else "cpu" for refusal in refusals]
 
     def decode(
         self, sources: Sequence[ImageSource], needs: Sequence[tuple[int, int] | None]
