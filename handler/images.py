@@ -86,6 +86,10 @@ _SEQUENTIAL = (0xC0, 0xC1)
 _PROGRESSIVE_HUFFMAN = 0xC2
 # A marker at a segment's start: 0xFF (fill bytes allowed), then its code.
 _MARKER = re.compile(rb"\xff+[^\x00\xff]")
+# Most marker segments a walk in Python visits: real files have tens (a progressive one about 30),
+# while 2 MB of 4-byte segments would hold Python for half a second. Past this, the walks give up
+# and the file is decoded whole, on the CPU, as any file they cannot walk.
+_MAX_SEGMENTS = 1000
 
 
 # --------------------------------------------------------------------------- header
@@ -119,7 +123,7 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
     if data[:2] != b"\xff\xd8":
         return None
     pos, end, sofs = 2, len(data), []
-    while True:
+    for _ in range(_MAX_SEGMENTS):
         if pos + 4 > end or data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
@@ -143,6 +147,8 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
             height, width = struct.unpack(">HH", segment[1:5])
             sofs.append((marker, segment[0], (width, height), segment[5]))
         pos += 2 + length
+    else:
+        return None
     if not sofs:
         return None
     marker, precision, size, components = sofs[0]
@@ -176,7 +182,7 @@ def scans_end_cleanly(data: bytes, scan_at: int) -> bool:
     """
     stops = _scan_stops(data)
     pos, end = scan_at, len(data)
-    while True:
+    for _ in range(_MAX_SEGMENTS):
         found = _MARKER.match(data, pos)
         if found is None:
             return False
@@ -194,6 +200,7 @@ def scans_end_cleanly(data: bytes, scan_at: int) -> bool:
             if at == len(stops):
                 return False
             pos = int(stops[at])
+    return False
 
 
 def dc_scans(data: bytes) -> bytes | None:
@@ -218,7 +225,9 @@ def dc_scans(data: bytes) -> bytes | None:
         return None
     stops = _scan_stops(data)
     parts, pos, end, dropped, frame = [data[:2]], 2, len(data), False, None
-    while pos < end:
+    for _ in range(_MAX_SEGMENTS):
+        if pos >= end:
+            return None
         found = _MARKER.match(data, pos)
         if found is None:
             return None

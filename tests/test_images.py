@@ -674,3 +674,26 @@ def test_model_and_display_batches_mix_host_and_device_photos(resize):
     np.testing.assert_array_equal(shown[0].numpy(), image_pixels(_photo(), (150, 100), Image.Resampling.BILINEAR))
     small = image_pixels(_photo(), (75, 50), Image.Resampling.BILINEAR)
     assert _mean_abs(shown[1, :50, :75].numpy(), small) < 1.5
+
+
+def test_the_marker_walks_give_up_on_a_file_of_countless_tiny_segments():
+    """2 MB of 4-byte segments would hold each marker walk in Python for about half a second:
+    past 1,000 segments the walks give up, and the file is decoded whole on the CPU route."""
+    import time
+
+    chelsea = (DATA / "chelsea.jpg").read_bytes()
+    scan_at = jpeg_frame(chelsea).scan_at
+    end = chelsea.rindex(b"\xff\xd9")
+    tiny = b"\xff\xfe\x00\x02" * 500_000  # empty comments
+    after_scan = chelsea[:end] + tiny + chelsea[end:]  # between the scan and the end marker
+    before_scan = chelsea[:2] + tiny + chelsea[2:]
+    progressive = _encode(_photo(), "JPEG", progressive=True)
+    progressive = progressive[:2] + tiny + progressive[2:]
+    started = time.perf_counter()
+    assert not scans_end_cleanly(after_scan, scan_at)
+    assert jpeg_frame(before_scan) is None
+    assert dc_scans(progressive) is None
+    assert time.perf_counter() - started < 0.3
+    photo = decode_pixels(open_image(after_scan, LIMITS), (224, 224))  # the CPU route reads it
+    assert photo.size == (451, 300)
+    assert device_refusal(open_image(after_scan, LIMITS)) == "JPEG with a damaged scan"
