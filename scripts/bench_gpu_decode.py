@@ -182,6 +182,35 @@ def encode_rows(args, small: bytes) -> list[dict]:
     return rows
 
 
+def _print_compiled(rows: list[dict], mode: str) -> None:
+    print("| photo | outputs | batch | decode + encode | compile mode | img/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" not in r:
+            print(f"| {r['photo']} | {r['outputs']} | {r['batch']} | {r['decode_device']} | {mode} | "
+                  f"{r['images_per_s']} |")
+
+
+def _print_routes(rows: list[dict]) -> None:
+    """The GPU route against the CPU route per photo, outputs and batch; then the decoders and encoders."""
+    print("| photo | outputs | batch | CPU decode + encode img/s | GPU decode + encode img/s | GPU / CPU |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    handler = [r for r in rows if r["part"] == "handler" and "error" not in r]
+    for r in handler:
+        if r["decode_device"] != "cpu":
+            continue
+        gpu = next((g for g in handler if g["decode_device"] == "cuda" and
+                    (g["photo"], g["outputs"], g["batch"]) == (r["photo"], r["outputs"], r["batch"])), None)
+        ratio = f"{gpu['images_per_s'] / r['images_per_s']:.2f}x" if gpu else "-"
+        print(f"| {r['photo']} | {r['outputs']} | {r['batch']} | {r['images_per_s']} | "
+              f"{gpu['images_per_s'] if gpu else '-'} | {ratio} |")
+    print("\n| part | way | images/s |")
+    print("| --- | --- | --- |")
+    for r in rows:
+        if r["part"] != "handler" or "error" in r:
+            print(f"| {r['part']} | {r.get('way', r.get('decode_device'))} | {r.get('images_per_s', r.get('error'))} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64])
@@ -217,31 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(summary, indent=2))
     print(f"\n{device}, torch {torch.__version__}, {os.cpu_count()} CPUs, median of {args.rounds} rounds\n")
-    if args.compile_mode != "off":
-        print("| photo | outputs | batch | decode + encode | compile mode | img/s |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for r in rows:
-            if "error" not in r:
-                print(f"| {r['photo']} | {r['outputs']} | {r['batch']} | {r['decode_device']} | {args.compile_mode} | "
-                      f"{r['images_per_s']} |")
-        print(f"\nJSON: {args.json_out}")
-        return 0
-    print("| photo | outputs | batch | CPU decode + encode img/s | GPU decode + encode img/s | GPU / CPU |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    handler = [r for r in rows if r["part"] == "handler" and "error" not in r]
-    for r in handler:
-        if r["decode_device"] != "cpu":
-            continue
-        gpu = next((g for g in handler if g["decode_device"] == "cuda" and
-                    (g["photo"], g["outputs"], g["batch"]) == (r["photo"], r["outputs"], r["batch"])), None)
-        ratio = f"{gpu['images_per_s'] / r['images_per_s']:.2f}x" if gpu else "-"
-        print(f"| {r['photo']} | {r['outputs']} | {r['batch']} | {r['images_per_s']} | "
-              f"{gpu['images_per_s'] if gpu else '-'} | {ratio} |")
-    print("\n| part | way | images/s |")
-    print("| --- | --- | --- |")
-    for r in rows:
-        if r["part"] != "handler" or "error" in r:
-            print(f"| {r['part']} | {r.get('way', r.get('decode_device'))} | {r.get('images_per_s', r.get('error'))} |")
+    if args.compile_mode == "off":
+        _print_routes(rows)
+    else:
+        _print_compiled(rows, args.compile_mode)
     print(f"\nJSON: {args.json_out}")
     return 0
 
