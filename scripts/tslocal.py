@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,11 +37,48 @@ def default_mar() -> Path:
     return mar
 
 
+_issued: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port that is free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on loopback right now, never the same one twice in a process.
+
+    A server binds its ports seconds after they are picked (JVM start-up), so the port must stay
+    free meanwhile. Ports the kernel hands out with ``bind(0)`` come from the ephemeral range, the
+    same range every outgoing connection's source port comes from: a readiness poll or a client of
+    another server could take one first (CI once saw TorchServe's gRPC port "already in use").
+    So the port is drawn at random from the 10000 ports below that range, where only listeners
+    go, and checked by binding it.
+    """
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    if low > 11024:
+        for _ in range(200):
+            port = rng.randrange(low - 10000, low)
+            if port in _issued:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _issued.add(port)
+            return port
+    while True:  # an unusual ephemeral range, or a crowded one: the kernel's choice
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _issued:
+            _issued.add(port)
+            return port
 
 
 def _properties(path: Path) -> dict[str, str]:
