@@ -8,6 +8,7 @@ process group, never by name.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -40,12 +41,21 @@ def default_mar() -> Path:
 _issued: set[int] = set()
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_low() -> int:
     try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bound(port: int) -> int | None:
+    """The port a loopback socket gets when it binds ``port`` (0: the kernel's choice); None if taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+        return s.getsockname()[1]
 
 
 def free_port() -> int:
@@ -56,27 +66,15 @@ def free_port() -> int:
     same range every outgoing connection's source port comes from: a readiness poll or a client of
     another server could take one first (CI once saw TorchServe's gRPC port "already in use").
     So the port is drawn at random from the 10000 ports below that range, where only listeners
-    go, and checked by binding it.
+    go, and checked by binding it; the kernel's choice is the fallback for an unusual or crowded
+    range.
     """
-    low, _ = _ephemeral_range()
+    low = _ephemeral_low()
     rng = random.SystemRandom()
-    if low > 11024:
-        for _ in range(200):
-            port = rng.randrange(low - 10000, low)
-            if port in _issued:
-                continue
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            _issued.add(port)
-            return port
-    while True:  # an unusual ephemeral range, or a crowded one: the kernel's choice
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _issued:
+    below = [rng.randrange(low - 10000, low) for _ in range(200)] if low > 11024 else []
+    for wanted in itertools.chain(below, itertools.repeat(0)):  # endless: returns from inside
+        port = _bound(wanted)
+        if port is not None and port not in _issued:
             _issued.add(port)
             return port
 
