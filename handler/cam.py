@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from handler.compiled import bucket_for, pad_batch
+from handler.buckets import bucket_for, pad_batch
 
 # The layer picker and the layouts live beside the engine; re-exported for callers of the engine.
 from handler.layouts import (
@@ -37,6 +37,7 @@ from handler.layouts import (
     list_layers,
     resolve_layer,
 )
+from handler.vocab import CAM_METHODS
 
 __all__ = [
     "METHODS",
@@ -61,7 +62,7 @@ __all__ = [
     "device_index",
 ]
 
-METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+METHODS = CAM_METHODS  # one unit per name in cam_weights
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _EPS = 1e-7
 

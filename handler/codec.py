@@ -1,225 +1,42 @@
-"""Request codec: a TorchServe request item in, encoded image bytes and validated options out.
+"""The protocol edge: what a server received, in one of the product's request forms, to a
+:class:`~handler.requests.RawRequest`, once.
 
-Reads three request forms (raw image body with options in headers, multipart form, JSON with a
-base64 image) and KServe v2 inference requests (:mod:`handler.oip`), and validates the options
-against the archive defaults. The image itself is decoded by :mod:`handler.images`, within the
-limits set here. No TorchServe or torch import here.
+Request forms: a raw image body with options in headers, a multipart form, JSON with a base64
+image (also KServe v1 ``instances``), and Open Inference Protocol v2 bodies, which
+:mod:`handler.oip` reads. Options are validated later, by :mod:`handler.options`; the image is
+decoded by :mod:`handler.images`. No server, torch or PIL import here.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import difflib
-import json
-import re
-from dataclasses import dataclass
+from handler.errors import InvalidInput, InvalidOption
+from handler.oip import ENVELOPE_TENSORS, is_v2_body, parse_v2, split_binary
+from handler.options import unknown_option
+from handler.requests import RawRequest, decode_base64, load_json
+from handler.vocab import OPTION_NAMES
 
-from handler.errors import HandlerError, InvalidInput, InvalidOption
-from handler.oip import ENVELOPE_TENSORS, V2Reply, is_v2_body, parse_v2, split_binary
+__all__ = ["extract_request", "request_from_json"]
 
-__all__ = [
-    "CAM_METHODS",
-    "OPTION_NAMES",
-    "OUTPUT_FORMS",
-    "CamSelection",
-    "CodecLimits",
-    "LabelIndex",
-    "Options",
-    "RawRequest",
-    "extract_request",
-    "parse_defaults",
-    "parse_options",
-]
-
-OPTION_NAMES = ("topk", "cam_classes", "cam_method", "outputs")
-CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
-OUTPUT_FORMS = ("map", "heatmap", "overlay")
-
-_METHOD_ALIASES = {"gradcampp": "gradcam++"}
 _IMAGE_FIELDS = ("image", "file", "data")
-_INT = re.compile(r"[+-]?[0-9]+")
-_TOP_N = re.compile(r"top\s*([+-]?[0-9]+)")
 
 
-@dataclass(frozen=True)
-class CodecLimits:
-    """Bounds on one request.
-
-    Attributes:
-        max_image_bytes: most encoded image bytes (after base64 decoding).
-        max_pixels: most ``width * height``, checked from the header before pixels are decoded.
-        max_cams: most CAM classes one request may ask for.
-    """
-
-    max_image_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_cams: int = 5
-
-
-@dataclass(frozen=True)
-class CamSelection:
-    """Which classes get a CAM: ``"top"`` (the ``count`` best), ``"ids"`` or ``"none"``."""
-
-    mode: str
-    count: int = 1
-    class_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class Options:
-    """Validated per-request options; ``outputs`` is in :data:`OUTPUT_FORMS` order."""
-
-    topk: int = 5
-    cam_classes: CamSelection = CamSelection("top", 1)
-    cam_method: str = "gradcam"
-    outputs: tuple[str, ...] = ("map",)
-
-
-@dataclass
-class RawRequest:
-    """One request as received: encoded image, options not yet validated, and its form.
-
-    ``reply`` is set for a KServe v2 request: how to frame its answer.
-    """
-
-    image_bytes: bytes
-    options: dict[str, object]
-    source: str
-    reply: V2Reply | None = None
-
-
-def _norm(name: str) -> str:
-    """Case- and spacing-insensitive key of a label name, commas kept as separators."""
-    return ", ".join(" ".join(part.split()) for part in name.lower().split(","))
-
-
-def _as_int(text: str, too_big: int) -> int:
-    return int(text) if len(text) < 19 else too_big  # no slow parse of a huge number
-
-
-class LabelIndex:
-    """Class-name lookup, built once at model load.
-
-    A class answers to its full label (``"tabby, tabby cat"``) and to each comma-separated
-    synonym (``"tabby"``, ``"tabby cat"``), case-insensitively.
-
-    Args:
-        labels: class names by class id, or None when the model has none.
-        num_classes: number of model outputs.
+def request_from_json(doc: object, options: dict[str, object], source: str = "json") -> RawRequest:
+    """A decoded JSON object ``{"image": <base64>, <option>: <value>...}``; the image may also be
+    ``{"b64": <base64>}`` (KServe v1's convention for bytes). A v2 body goes to :mod:`handler.oip`.
 
     Raises:
-        ValueError: ``num_classes`` is not positive, or ``labels`` has another length.
+        InvalidInput: not an object, or no base64 ``image`` in it.
+        InvalidOption: a key that is not an option.
     """
-
-    def __init__(self, labels: list[str] | None, num_classes: int) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
-        if labels is not None and len(labels) != num_classes:
-            raise ValueError(
-                f"labels has {len(labels)} names but the model has {num_classes} classes"
-            )
-        self.num_classes = num_classes
-        self.max_parts = 1  # most comma-separated parts in one label
-        self._ids: dict[str, list[int]] = {}
-        self._shown: dict[str, str] = {}
-        for class_id, label in enumerate(labels or ()):
-            parts = [part.strip() for part in str(label).split(",") if part.strip()]
-            self.max_parts = max(self.max_parts, len(parts))
-            for name in (str(label), *parts):
-                ids = self._ids.setdefault(_norm(name), [])
-                if class_id not in ids:
-                    ids.append(class_id)
-                self._shown.setdefault(_norm(name), name.strip())
-
-    def lookup(self, name: str) -> list[int]:
-        """Ids of the classes answering to the name ``name`` (no integer parsing)."""
-        return list(self._ids.get(_norm(name), ()))
-
-    def resolve(self, token: str) -> int:
-        """Class id of an integer string or of a label name that names one class.
-
-        Raises:
-            InvalidOption: the id is out of range, or the name is unknown or ambiguous.
-        """
-        text, span = str(token).strip(), f"ids go from 0 to {self.num_classes - 1}"
-        if not text:
-            raise InvalidOption("cam_classes has an empty class entry", "cam_classes")
-        if _INT.fullmatch(text):
-            class_id = _as_int(text, self.num_classes)
-            if not 0 <= class_id < self.num_classes:
-                raise InvalidOption(f"class id {text} is out of range; {span}", "cam_classes")
-            return class_id
-        ids = self.lookup(text)
-        if len(ids) == 1:
-            return ids[0]
-        if ids:
-            listed = ", ".join(map(str, ids))
-            message = f"class name {text!r} is ambiguous: it names classes {listed}; send an id"
-        elif not self._ids:
-            message = f"unknown class {text!r}: this model has no class names, {span}"
-        else:
-            close = difflib.get_close_matches(_norm(text), list(self._ids), n=3)
-            hint = ", ".join(repr(self._shown[name]) for name in close)
-            message = f"unknown class name {text!r}" + (f"; did you mean {hint}?" if hint else "")
-        raise InvalidOption(message, "cam_classes")
-
-
-def _unknown_option(name: str) -> InvalidOption:
-    return InvalidOption(f"unknown option {name!r}; allowed: {', '.join(OPTION_NAMES)}", name)
-
-
-def _decode_base64(text: str) -> bytes:
-    """Bytes of standard or urlsafe base64, or of a ``data:...;base64,`` URL."""
-    text = text.strip()
-    if text[:5].lower() == "data:":
-        header, _, text = text.partition(",")
-        if not header.lower().endswith(";base64"):
-            raise InvalidInput("image data URL must be 'data:image/...;base64,<data>'", "image")
-    text = "".join(text.split()).translate(str.maketrans("-_", "+/")).rstrip("=")
-    try:
-        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInput(f"image is not valid base64: {exc}", "image") from exc
-    if not data:
-        raise InvalidInput("image is empty", "image")
-    return data
-
-
-def _load_json(body: bytes | str) -> object:
-    try:
-        return json.loads(body.decode("utf-8-sig") if isinstance(body, bytes) else body)
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"JSON body is not UTF-8: {exc}", "body") from exc
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}", "body") from exc
-
-
-def _from_v2(doc: dict, options: dict[str, object], wrap: bool = True) -> RawRequest:
-    """A KServe v2 request: the image from its BYTES input, options over those from headers."""
-    request = parse_v2(doc, OPTION_NAMES, wrap)
-    image = request.image
-    if isinstance(image, str):
-        try:
-            image = _decode_base64(image)
-        except HandlerError as err:
-            err.v2_reply = request.reply
-            raise
-    if not image:
-        err = InvalidInput("the v2 image input is empty", "image")
-        err.v2_reply = request.reply
-        raise err
-    return RawRequest(image, {**options, **request.options}, "v2", request.reply)
-
-
-def _from_json(doc: object, options: dict[str, object]) -> RawRequest:
     if is_v2_body(doc):
-        return _from_v2(doc, options)
+        return parse_v2(doc, options)
     if not isinstance(doc, dict):
         kind = type(doc).__name__
         raise InvalidInput(f"JSON body must be an object with an 'image' key, got {kind}", "body")
     fields = {str(key): value for key, value in doc.items()}
     image = next((fields.pop(key) for key in list(fields) if key.lower() == "image"), None)
+    if isinstance(image, dict) and set(image) == {"b64"}:
+        image = image["b64"]
     if not isinstance(image, str) or not image.strip():
         got = ", ".join(map(str, doc)) or "none"
         raise InvalidInput(
@@ -227,9 +44,9 @@ def _from_json(doc: object, options: dict[str, object]) -> RawRequest:
         )
     for name, value in fields.items():
         if name.lower() not in OPTION_NAMES:
-            raise _unknown_option(name)
+            raise unknown_option(name)
         options[name.lower()] = value
-    return RawRequest(_decode_base64(image), options, "json")
+    return RawRequest(decode_base64(image), options, source)
 
 
 def _from_multipart(item: dict, options: dict[str, object]) -> RawRequest:
@@ -243,7 +60,7 @@ def _from_multipart(item: dict, options: dict[str, object]) -> RawRequest:
     image = fields.pop(images[0])
     for name, value in fields.items():
         if name.lower() not in OPTION_NAMES:
-            raise _unknown_option(name)
+            raise unknown_option(name)
         if isinstance(value, (bytes, bytearray)):
             try:
                 value = bytes(value).decode("utf-8")
@@ -251,7 +68,7 @@ def _from_multipart(item: dict, options: dict[str, object]) -> RawRequest:
                 raise InvalidOption(f"{name} is not UTF-8 text", name) from exc
         options[name.lower()] = value.strip() if isinstance(value, str) else value
     if isinstance(image, str):  # a text field rather than a file: base64 or a data URL
-        image = _decode_base64(image)
+        image = decode_base64(image)
     if not isinstance(image, (bytes, bytearray)) or not image:
         raise InvalidInput("multipart 'image' field is empty", "image")
     return RawRequest(bytes(image), options, "multipart")
@@ -291,7 +108,7 @@ def extract_request(item: dict, headers: dict[str, str]) -> RawRequest:
     if not isinstance(item, dict):
         item = {"body": item}
     if ENVELOPE_TENSORS in item:
-        return _from_v2({"inputs": item[ENVELOPE_TENSORS]}, options, wrap=False)
+        return parse_v2({"inputs": item[ENVELOPE_TENSORS]}, options, wrap=False)
     if set(item) - {"body", "data"}:
         return _from_multipart(item, options)
     body = item.get("body") if item.get("body") is not None else item.get("data")
@@ -300,13 +117,13 @@ def extract_request(item: dict, headers: dict[str, str]) -> RawRequest:
     if body is None or (isinstance(body, (bytes, str)) and not body):
         raise InvalidInput("empty request body; send an image or a JSON object", "body")
     if not isinstance(body, (bytes, str)):  # TorchServe already decoded the JSON
-        return _from_json(body, options)
+        return request_from_json(body, options)
     if binary_header and isinstance(body, bytes):  # v2 with binary tensor data (tritonclient's default)
-        return _from_v2(split_binary(body, binary_header), options)
+        return parse_v2(split_binary(body, binary_header), options)
     head = body.lstrip()[:1]
     head = head.decode("latin-1") if isinstance(head, bytes) else head
     if head in ("{", "[") or "json" in content_type:
-        return _from_json(_load_json(body), options)
+        return request_from_json(load_json(body), options)
     if isinstance(body, str):
         raise InvalidInput(
             "request body is text, not an image; send image bytes or JSON with a base64 'image'",
@@ -315,149 +132,3 @@ def extract_request(item: dict, headers: dict[str, str]) -> RawRequest:
     return RawRequest(body, options, "raw")
 
 
-def _parse_int(value: object, name: str, high: int) -> int:
-    """Integer in ``1..high`` from an int or a decimal string."""
-    if isinstance(value, str) and _INT.fullmatch(value.strip()):
-        value = _as_int(value.strip(), high + 1)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidOption(f"{name} must be an integer, got {value!r}", name)
-    if not 1 <= value <= high:
-        raise InvalidOption(f"{name} must be between 1 and {high}, got {value}", name)
-    return value
-
-
-def _split_names(text: str, labels: LabelIndex) -> list[str]:
-    """Split a comma list of ids and names, keeping the longest run of parts that is a label."""
-    parts = [part.strip() for part in text.split(",")]
-    tokens, start = [], 0
-    while start < len(parts):
-        stop = start + 1
-        for end in range(min(len(parts), start + labels.max_parts), start + 1, -1):
-            if labels.lookup(", ".join(parts[start:end])):
-                stop = end
-                break
-        tokens.append(", ".join(parts[start:stop]))
-        start = stop
-    return tokens
-
-
-def _parse_cam_classes(
-    value: object, labels: LabelIndex, num_classes: int, limits: CodecLimits
-) -> CamSelection:
-    field, most = "cam_classes", limits.max_cams
-    if isinstance(value, bool) or not isinstance(value, (int, str, list, tuple)):
-        raise InvalidOption(f"cam_classes must be a string, id or list, got {value!r}", field)
-    entries = len(value) if isinstance(value, (list, tuple)) else str(value).count(",") + 1
-    if entries > 20 * most:  # bounds the work; duplicates and multi-part names still fit
-        raise InvalidOption(f"cam_classes has {entries} entries, too many for {most} CAMs", field)
-    if isinstance(value, (list, tuple)):
-        if any(isinstance(t, bool) or not isinstance(t, (int, str)) for t in value):
-            raise InvalidOption("cam_classes list entries must be ids or names", field)
-        tokens = [str(token) for token in value]
-    elif isinstance(value, int):
-        tokens = [str(value)]
-    elif value.strip().lower() == "none":
-        return CamSelection("none")
-    elif match := _TOP_N.fullmatch(value.strip().lower()):
-        count = _as_int(match.group(1), num_classes + 1)
-        if not 1 <= count <= num_classes:
-            raise InvalidOption(f"cam_classes topN needs N in 1..{num_classes}", field)
-        if count > most:
-            raise InvalidOption(
-                f"cam_classes asks for {count} CAMs; at most {most} per request", field
-            )
-        return CamSelection("top", count)
-    else:
-        tokens = _split_names(value.strip(), labels) if value.strip() else []
-    if not tokens:
-        raise InvalidOption("cam_classes is empty; send topN, none, or class ids/names", field)
-    class_ids: list[int] = []
-    for token in tokens:
-        class_id = labels.resolve(token)
-        if class_id not in class_ids:
-            class_ids.append(class_id)
-        if len(class_ids) > most:
-            raise InvalidOption(
-                f"cam_classes names more than {most} classes, the most per request", field
-            )
-    return CamSelection("ids", class_ids=tuple(class_ids))
-
-
-def _parse_cam_method(value: object) -> str:
-    method = value.strip().lower() if isinstance(value, str) else None
-    method = _METHOD_ALIASES.get(method, method)
-    if method not in CAM_METHODS:
-        message = f"unknown cam_method {value!r}; use one of {', '.join(CAM_METHODS)}"
-        raise InvalidOption(message, "cam_method")
-    return method
-
-
-def _parse_outputs(value: object) -> tuple[str, ...]:
-    allowed = ", ".join(OUTPUT_FORMS)
-    if isinstance(value, str):
-        value = value.split(",")
-    if not isinstance(value, (list, tuple)):
-        raise InvalidOption(f"outputs must be a string or list, got {value!r}", "outputs")
-    forms = {item.strip().lower() if isinstance(item, str) else repr(item) for item in value}
-    if forms <= {""}:
-        raise InvalidOption(f"outputs is empty; use some of {allowed}", "outputs")
-    unknown = ", ".join(repr(form) for form in sorted(forms) if form not in OUTPUT_FORMS)
-    if unknown:
-        raise InvalidOption(f"unknown outputs {unknown}; allowed: {allowed}", "outputs")
-    return tuple(form for form in OUTPUT_FORMS if form in forms)
-
-
-def parse_options(
-    raw: dict[str, object],
-    defaults: Options,
-    labels: LabelIndex,
-    num_classes: int,
-    limits: CodecLimits,
-) -> Options:
-    """Validate raw request options; a missing (or JSON null) option keeps its default.
-
-    Args:
-        raw: option name to value as received.
-        defaults: the archive defaults.
-        labels: class-name lookup for ``cam_classes``.
-        num_classes: number of model outputs.
-        limits: bounds; ``max_cams`` applies here.
-
-    Returns:
-        The validated options.
-
-    Raises:
-        InvalidOption: an unknown name or a value out of its domain, with ``field`` set.
-    """
-    values = {name: getattr(defaults, name) for name in OPTION_NAMES}
-    for name, value in raw.items():
-        if name not in OPTION_NAMES:
-            raise _unknown_option(name)
-        if value is None:
-            continue
-        if name == "topk":
-            values[name] = _parse_int(value, name, num_classes)
-        elif name == "cam_classes":
-            values[name] = _parse_cam_classes(value, labels, num_classes, limits)
-        elif name == "cam_method":
-            values[name] = _parse_cam_method(value)
-        else:
-            values[name] = _parse_outputs(value)
-    return Options(**values)
-
-
-def parse_defaults(
-    config: dict, labels: LabelIndex, num_classes: int, limits: CodecLimits
-) -> Options:
-    """Archive defaults from the handler config; keys other than the option names are ignored.
-
-    A missing key keeps the :class:`Options` default, with ``topk`` capped at ``num_classes``.
-
-    Raises:
-        ValueError: a config value is invalid; the message names the config key.
-    """
-    raw = {name: value for name, value in (config or {}).items() if name in OPTION_NAMES}
-    try:
-        return parse_options(raw, Options(topk=min(5, num_classes)), labels, num_classes, limits)
-    except InvalidOption as exc:
-        raise ValueError(f"handler config key {exc.field!r}: {exc.message}") from exc

@@ -17,45 +17,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
+
+from handler.buckets import bucket_for, bucket_sizes, pad_batch
+from handler.cam import LeafCapture
+from handler.vocab import COMPILE_BATCH_MODES, SWITCHES
 
 __all__ = ["CHOICES", "BATCH_MODES", "bucket_sizes", "bucket_for", "pad_batch", "cache_dir", "CompiledPass"]
 
 logger = logging.getLogger(__name__)
 
-CHOICES = ("auto", "on", "off")
-BATCH_MODES = ("buckets", "dynamic")
-
-
-def bucket_sizes(batch_size: int) -> tuple[int, ...]:
-    """Powers of two below ``batch_size``, then ``batch_size`` itself: ``8 -> (1, 2, 4, 8)``.
-
-    Raises:
-        ValueError: if ``batch_size`` is not positive.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    sizes, size = [], 1
-    while size < batch_size:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, batch_size)
-
-
-def bucket_for(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds ``n`` images (``n`` itself past the largest)."""
-    return next((b for b in buckets if b >= n), n)
-
-
-def pad_batch(x: Tensor, size: int) -> Tensor:
-    """``x`` with its last image repeated up to ``size`` rows (real pixels: no odd statistics)."""
-    n = x.shape[0]
-    if size <= n:
-        return x
-    return torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+CHOICES = SWITCHES
+BATCH_MODES = COMPILE_BATCH_MODES
 
 
 def cache_dir(configured: str = "") -> str | None:
@@ -127,8 +102,6 @@ class CompiledPass:
         if folder:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
         self.cache = folder
-        from handler.cam import LeafCapture
-
         self.engine = engine
         self.eager = engine.model
         self.batch_mode = batch_mode

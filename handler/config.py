@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from handler.vocab import (
+    CODEC_DEVICES,
+    COMPILE_BATCH_MODES,
+    INTERPOLATIONS,
+    LAYOUTS,
+    PRECISIONS,
+    RESIZE_MODES,
+    SWITCHES,
+)
+
 __all__ = ["ServeConfig", "RESIZE_MODES", "PRECISIONS", "INTERPOLATIONS", "SWITCHES", "COMPILE_BATCH_MODES",
            "CODEC_DEVICES", "LAYOUTS"]
-
-RESIZE_MODES = ("squash", "letterbox")
-PRECISIONS = ("fp32", "bf16", "fp16")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
-SWITCHES = ("auto", "on", "off")
-COMPILE_BATCH_MODES = ("buckets", "dynamic")
-CODEC_DEVICES = ("auto", "cpu", "cuda")
-LAYOUTS = ("auto", "nchw", "nhwc", "nlc")
 
 
 @dataclass

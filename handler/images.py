@@ -34,12 +34,12 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from handler.codec import CodecLimits
 from handler.errors import HandlerError, InvalidInput, PayloadTooLarge, UnsupportedMedia
-from handler.render import image_pixels
+from handler.limits import RequestLimits
 
 __all__ = [
     "RESAMPLE",
+    "image_pixels",
     "ImageDecoder",
     "ImageSource",
     "InputLayout",
@@ -341,7 +341,7 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def open_image(data: bytes, limits: CodecLimits) -> ImageSource:
+def open_image(data: bytes, limits: RequestLimits) -> ImageSource:
     """Read an image's header and check it against the limits; no pixel is decoded.
 
     Args:
@@ -384,7 +384,7 @@ def open_image(data: bytes, limits: CodecLimits) -> ImageSource:
             raise InvalidInput(f"image data is corrupt or truncated: {exc}", "image") from exc
 
 
-def _checked(image: Image.Image, data: bytes, limits: CodecLimits) -> ImageSource:
+def _checked(image: Image.Image, data: bytes, limits: RequestLimits) -> ImageSource:
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidInput(f"image has zero size ({width}x{height})", "image")
@@ -403,6 +403,16 @@ def _checked(image: Image.Image, data: bytes, limits: CodecLimits) -> ImageSourc
 
 
 # --------------------------------------------------------------------------- the CPU route
+
+
+def image_pixels(
+    image: Image.Image, size: tuple[int, int], resample: int, box: tuple[float, ...] | None = None
+) -> np.ndarray:
+    """An RGB image (or its ``box``) resized to ``(width, height)`` as an ``(H, W, 3)`` uint8 array."""
+    full = (0.0, 0.0, float(image.width), float(image.height))
+    if image.size != size or (box is not None and tuple(map(float, box)) != full):
+        image = image.resize(size, resample=resample, box=box, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.uint8)
 
 
 @dataclass
@@ -550,7 +560,7 @@ def _dc_only(source: ImageSource, image: Image.Image, want: tuple[int, int]) -> 
     return dc_image
 
 
-def decode_image(data: bytes, limits: CodecLimits) -> Image.Image:
+def decode_image(data: bytes, limits: RequestLimits) -> Image.Image:
     """Decode an encoded image at full scale into a loaded, upright RGB image.
 
     The header is checked against the limits before any pixel is decoded (see

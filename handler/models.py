@@ -9,13 +9,18 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 __all__ = [
+    "Head",
     "build_model",
+    "classifier_head",
+    "takes_num_classes",
+    "weights_classes",
     "default_preprocessing",
     "load_state_dict_strict",
     "imagenet_labels",
@@ -103,6 +108,95 @@ def build_model(
             kwargs.pop("num_classes")
         model = cls(**kwargs)
     return model.eval()
+
+
+def takes_num_classes(source: str, base_dir: Path | None = None) -> bool:
+    """Whether the source's constructor sets the class count (timm and torchvision always do)."""
+    kind, name = _split_source(source)
+    if kind != "file":
+        return True
+    params = inspect.signature(_load_class(name, base_dir)).parameters
+    return "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+@dataclass(frozen=True)
+class Head:
+    """A model's classifier head as one forward shows it.
+
+    Attributes:
+        classes: the output's width (columns per image).
+        keys: state-dict keys of the head's weights: the modules executed last whose weight's
+            first dimension is ``classes`` (``fc.weight``; DeiT's ``head.weight`` and
+            ``head_dist.weight``), or the names timm's config gives its classifier.
+        headless: the model has no classifier (timm built with ``num_classes=0``): its output
+            is features, not class scores.
+    """
+
+    classes: int
+    keys: tuple[str, ...]
+    headless: bool = False
+
+
+def _timm_classifier_keys(model: nn.Module) -> tuple[str, ...]:
+    cfg = getattr(model, "pretrained_cfg", None)
+    names = cfg.get("classifier") if isinstance(cfg, dict) else None
+    if isinstance(names, str):
+        names = (names,)
+    return tuple(f"{n}.weight" for n in names or ())
+
+
+def classifier_head(model: nn.Module, input_size: tuple[int, int]) -> Head:
+    """The class count and head weights of ``model``, from one no-grad forward of one image.
+
+    Raises:
+        ValueError: if the forward fails or its output is not ``(1, C)``.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    ran: list[tuple[str, nn.Module]] = []
+    handles = [
+        module.register_forward_hook(lambda m, _i, _o, n=name: ran.append((n, m)))
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() >= 2
+    ]
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((1, 3, *input_size), device=device, dtype=dtype))
+    except Exception as exc:
+        raise ValueError(f"forward of one {input_size[0]}x{input_size[1]} image failed: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model must return (N, num_classes) class scores, got {shape} for one image")
+    classes = int(out.shape[1])
+    timm_keys = _timm_classifier_keys(model)
+    if getattr(model, "num_classes", None) == 0 or (
+            hasattr(model, "get_classifier") and isinstance(model.get_classifier(), nn.Identity)):
+        return Head(classes, timm_keys, headless=True)
+    keys: list[str] = []
+    for name, module in reversed(ran):  # the last modules that output the classes
+        if module.weight.shape[0] != classes:
+            if keys:
+                break
+            continue
+        key = f"{name}.weight"
+        if key not in keys:
+            keys.insert(0, key)
+    return Head(classes, tuple(keys) or timm_keys)
+
+
+def weights_classes(state: dict[str, torch.Tensor], head: Head) -> tuple[int, str] | None:
+    """The class count the weights' head has (its weight's first dimension) and that tensor's
+    key, or None when the file holds none of the head's tensors."""
+    for key in reversed(head.keys):
+        tensor = state.get(key)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
+            return int(tensor.shape[0]), key
+    return None
 
 
 def default_preprocessing(source: str, model: nn.Module, kwargs: dict | None = None) -> dict:

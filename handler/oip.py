@@ -24,40 +24,16 @@ import base64
 import binascii
 import json
 import struct
-from dataclasses import dataclass
 
 from handler.errors import HandlerError, InvalidInput
+from handler.requests import RawRequest, V2Reply, decode_base64
+from handler.vocab import OPTION_NAMES
 
-__all__ = ["ENVELOPE_TENSORS", "V2Reply", "V2Request", "group_tensors", "is_v2_body", "parse_v2", "split_binary",
-           "v2_response"]
+__all__ = ["ENVELOPE_TENSORS", "V2Reply", "group_tensors", "is_v2_body", "parse_v2", "split_binary", "v2_response"]
 
 #: Key of the item :func:`group_tensors` makes: no JSON body or form field can produce it.
 ENVELOPE_TENSORS = ("kservev2", "tensors")
 _TENSOR_KEYS = {"name", "shape", "datatype", "data", "parameters"}
-
-
-@dataclass(frozen=True)
-class V2Reply:
-    """How to answer a v2 request.
-
-    Attributes:
-        request_id: the request's ``id``, echoed; None when it had none.
-        output: name of the output tensor (the image input's name).
-        wrap: False when TorchServe's kservev2 envelope wraps the answer itself.
-    """
-
-    request_id: str | None
-    output: str = "image"
-    wrap: bool = True
-
-
-@dataclass
-class V2Request:
-    """A parsed v2 request: the encoded image (base64 text or raw bytes) and raw options."""
-
-    image: str | bytes
-    options: dict[str, object]
-    reply: V2Reply
 
 
 def _is_tensor(item: object) -> bool:
@@ -160,42 +136,46 @@ def _option_value(tensor: dict) -> object:
     return values[0] if len(values) == 1 else values
 
 
-def _named(params: object, option_names: tuple[str, ...]) -> dict[str, object]:
+def _named(params: object) -> dict[str, object]:
     """The options among v2 parameters; other parameters (binary_data_output, priority...) are
     the protocol's, not the handler's."""
     if not isinstance(params, dict):
         return {}
-    return {str(k).lower(): v for k, v in params.items() if str(k).lower() in option_names}
+    return {str(k).lower(): v for k, v in params.items() if str(k).lower() in OPTION_NAMES}
 
 
-def parse_v2(doc: dict, option_names: tuple[str, ...], wrap: bool = True) -> V2Request:
-    """The image and options of a v2 request.
+def parse_v2(doc: dict, options: dict[str, object] | None = None, wrap: bool = True) -> RawRequest:
+    """A v2 request as the pipeline takes it: the image's bytes and the raw options.
 
     Args:
         doc: the v2 body (``inputs`` list, optional ``id`` and ``parameters``).
-        option_names: the handler's option names (lower case).
-        wrap: whether the handler frames its answer as a v2 reply (False under the envelope).
+        options: options the request carried outside the body (headers), under the body's.
+        wrap: whether the answer is framed as a v2 reply (False under TorchServe's envelope).
 
     Raises:
-        InvalidInput: no image input, several, or one that is not one BYTES element; the error's
-            ``v2_reply`` says how to frame it.
+        InvalidInput: no image input, several, one that is not one BYTES element, or one that is
+            not base64 in JSON; the error's ``v2_reply`` says how to frame it.
     """
     request_id = doc.get("id") if isinstance(doc.get("id"), str) and doc["id"].strip() else None
     reply = V2Reply(request_id, "image", wrap)
     try:
-        return _parse(doc, option_names, reply)
+        image, found, reply = _parse(doc, reply)
+        data = decode_base64(image) if isinstance(image, str) else bytes(image)
+        if not data:
+            raise InvalidInput("the v2 image input is empty", "image")
     except HandlerError as err:
         err.v2_reply = reply
         raise
+    return RawRequest(data, {**(options or {}), **found}, "v2", reply)
 
 
-def _parse(doc: dict, option_names: tuple[str, ...], reply: V2Reply) -> V2Request:
-    options = _named(doc.get("parameters"), option_names)
+def _parse(doc: dict, reply: V2Reply) -> tuple[str | bytes, dict[str, object], V2Reply]:
+    options = _named(doc.get("parameters"))
     images, option_inputs = [], []
     for tensor in doc["inputs"]:
         if not _is_tensor(tensor):
             raise InvalidInput("every v2 input needs 'name', 'datatype' and 'data'", "inputs")
-        (option_inputs if tensor["name"].lower() in option_names else images).append(tensor)
+        (option_inputs if tensor["name"].lower() in OPTION_NAMES else images).append(tensor)
     if len(images) > 1:
         named = [t for t in images if t["name"].lower() == "image"]
         if len(named) != 1:
@@ -215,11 +195,10 @@ def _parse(doc: dict, option_names: tuple[str, ...], reply: V2Reply) -> V2Reques
     if len(elements) != 1 or not isinstance(elements[0], (str, bytes, bytearray)):
         raise InvalidInput(f"input {image['name']!r} must hold exactly one encoded image, got "
                            f"{len(elements)} elements", "image")
-    options.update(_named(image.get("parameters"), option_names))
+    options.update(_named(image.get("parameters")))
     for tensor in option_inputs:
         options[tensor["name"].lower()] = _option_value(tensor)
-    data = elements[0]
-    return V2Request(bytes(data) if isinstance(data, bytearray) else data, options, reply)
+    return elements[0], options, reply
 
 
 def v2_response(text: str, reply: V2Reply, model_name: str, model_version: str, request_id: str | None,

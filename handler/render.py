@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["grid_values", "png_base64", "jpeg_base64", "image_pixels", "DeviceJpegEncoder"]
+__all__ = ["grid_values", "png_base64", "jpeg_base64", "DeviceJpegEncoder"]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,16 +37,6 @@ def jpeg_base64(rgb: np.ndarray, quality: int = 85) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").save(buf, format="JPEG", quality=quality)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def image_pixels(
-    image: Image.Image, size: tuple[int, int], resample: int, box: tuple[float, ...] | None = None
-) -> np.ndarray:
-    """An RGB image (or its ``box``) resized to ``(width, height)`` as an ``(H, W, 3)`` uint8 array."""
-    full = (0.0, 0.0, float(image.width), float(image.height))
-    if image.size != size or (box is not None and tuple(map(float, box)) != full):
-        image = image.resize(size, resample=resample, box=box, reducing_gap=3.0)
-    return np.asarray(image, dtype=np.uint8)
 
 
 class DeviceJpegEncoder:

@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from camera_photos import camera_set  # noqa: E402
 
-from handler.codec import CodecLimits  # noqa: E402
 from handler.image_tensors import model_batch  # noqa: E402
 from handler.images import ImageDecoder, InputLayout, open_image  # noqa: E402
+from handler.limits import RequestLimits  # noqa: E402
 
-LIMITS = CodecLimits()
+LIMITS = RequestLimits()
 LAYOUT = InputLayout((224, 224))
 
 

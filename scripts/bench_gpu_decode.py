@@ -119,14 +119,14 @@ def handler_rows(args, photos: dict[str, bytes], model_dir: Path) -> list[dict]:
                            "compile_mode": args.compile_mode, "images_per_s": round(rate, 1)}
                     rows.append(row)
                     print(f"[bench-gpu] {row}", file=sys.stderr, flush=True)
-        service.decoder.close()
+        service.pipeline.decoder.close()
     return rows
 
 
 def decode_rows(args, camera: bytes) -> list[dict]:
-    from handler.codec import CodecLimits
     from handler.image_tensors import DeviceJpegRoute
     from handler.images import ImageDecoder, open_image
+    from handler.limits import RequestLimits
 
     batch = max(args.batches)
     rows = []
@@ -134,7 +134,7 @@ def decode_rows(args, camera: bytes) -> list[dict]:
     candidates = {}
     decoder = ImageDecoder(args.threads)
     candidates["Pillow, scale needed, CPU threads"] = lambda: decoder.decode(
-        [open_image(camera, CodecLimits()) for _ in range(batch)], [(224, 224)] * batch)
+        [open_image(camera, RequestLimits()) for _ in range(batch)], [(224, 224)] * batch)
     if torch.cuda.is_available():
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -142,7 +142,7 @@ def decode_rows(args, camera: bytes) -> list[dict]:
             tensors, mode=ImageReadMode.RGB, device="cuda")
         route = DeviceJpegRoute("cuda")
         candidates["handler device route (nvJPEG + reduce)"] = lambda: route.decode(
-            [open_image(camera, CodecLimits()) for _ in range(batch)], [(224, 224)] * batch)
+            [open_image(camera, RequestLimits()) for _ in range(batch)], [(224, 224)] * batch)
         try:
             from torchcodec.decoders import decode_jpeg as codec_decode
 

@@ -21,9 +21,8 @@ from camera_photos import DATA, camera_pixels, camera_set, jpeg
 from conftest import CAT_CLASSES, DEFAULT, ROOT
 from PIL import Image
 
-from handler.codec import CodecLimits
-from handler.images import decode_image, decode_pixels, open_image
-from handler.render import image_pixels
+from handler.images import decode_image, decode_pixels, image_pixels, open_image
+from handler.limits import RequestLimits
 
 pytestmark = pytest.mark.server
 
@@ -104,9 +103,9 @@ def test_the_scaled_decode_predicts_as_the_full_decode(lite0, name):
     are within a grey level or two and give the same top-1 with close probabilities."""
     data = jpeg(camera_pixels(Image.open(DATA / name), (4032, 3024)))
     bicubic = Image.Resampling.BICUBIC
-    fast = decode_pixels(open_image(data, CodecLimits()), (224, 224))
+    fast = decode_pixels(open_image(data, RequestLimits()), (224, 224))
     assert fast.pixels.size == (504, 378)
-    full = decode_image(data, CodecLimits())
+    full = decode_image(data, RequestLimits())
     pixels = np.stack([fast.resized((224, 224), bicubic), image_pixels(full, (224, 224), bicubic)])
     assert np.abs(pixels[0].astype(int) - pixels[1]).mean() < 1.5
     x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5

@@ -1,4 +1,4 @@
-"""Tests of handler.codec: request forms and option validation (image decoding: test_images.py)."""
+"""Tests of handler.codec and handler.options: request forms and option validation (image decoding: test_images.py)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from handler.codec import (
-    CAM_METHODS,
-    OPTION_NAMES,
-    OUTPUT_FORMS,
-    CamSelection,
-    CodecLimits,
-    LabelIndex,
-    Options,
-    RawRequest,
-    extract_request,
-    parse_defaults,
-    parse_options,
-)
+from handler.codec import extract_request
 from handler.errors import InvalidInput, InvalidOption
+from handler.limits import RequestLimits
+from handler.options import CamSelection, LabelIndex, Options, parse_defaults, parse_options
+from handler.requests import RawRequest
+from handler.vocab import CAM_METHODS, OPTION_NAMES, OUTPUT_FORMS
 
 DATA = Path(__file__).parent / "data"
 LABELS = [
@@ -37,7 +29,7 @@ LABELS = [
     "tiger, Panthera tigris",
 ]
 NUM_CLASSES = len(LABELS)
-LIMITS = CodecLimits()
+LIMITS = RequestLimits()
 
 
 
@@ -49,7 +41,7 @@ def labels() -> LabelIndex:
 
 def _parse(raw: dict, labels: LabelIndex | None = None, **limits) -> Options:
     index = labels or LabelIndex(LABELS, NUM_CLASSES)
-    return parse_options(raw, Options(), index, NUM_CLASSES, CodecLimits(**limits))
+    return parse_options(raw, Options(), index, NUM_CLASSES, RequestLimits(**limits))
 
 
 def _rejects(raw: dict, field: str, match: str, labels: LabelIndex | None = None) -> None:

@@ -86,7 +86,7 @@ def test_compiled_maps_of_the_default_model_on_photos_equal_eager_within_1e_5():
     from PIL import Image
     from test_cam import DATA, _pretrained_lite0
 
-    from handler.render import image_pixels
+    from handler.images import image_pixels
 
     model = _pretrained_lite0()
     photos = [Image.open(DATA / name).convert("RGB") for name in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
@@ -237,7 +237,7 @@ def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load
     eager, eager_context = _handler(model_dir)
     service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "inductor"),
                                          compile_freeze="on")
-    assert service.compiled is not None and service.compiled.sizes == (1, 2, 4, 8) and service.compiled.frozen
+    assert service.pipeline.compiled is not None and service.pipeline.compiled.sizes == (1, 2, 4, 8) and service.pipeline.compiled.frozen
     assert ("compiled model_src/model.py:TinyNet (inductor, default mode, backbone frozen) for batch sizes "
             "1/2/4/8") in caplog.text
     assert any((tmp_path / "inductor").iterdir())  # the cache a restarted worker finds
@@ -308,8 +308,8 @@ def test_a_worker_that_cannot_compile_serves_eager_after_one_warning(model_dir, 
     service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "empty-cache"))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "torch.compile failed" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
-    assert service.compiled is None and not isinstance(service.engine.model, torch._dynamo.eval_frame.OptimizedModule)
-    assert service.engine.batch_buckets is None
+    assert service.pipeline.compiled is None and not isinstance(service.pipeline.engine.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert service.pipeline.engine.batch_buckets is None
     eager, eager_context = _handler(model_dir)
     statuses, bodies = _batch(service, context, [{"body": _png()}, {"body": _png((40, 90))}])
     _, want = _batch(eager, eager_context, [{"body": _png()}, {"body": _png((40, 90))}])
@@ -448,7 +448,7 @@ def test_a_gpu_worker_with_cuda_graphs_answers_as_the_eager_gpu_worker(model_dir
     service, context = _compiled_handler(model_dir, caplog, gpu=0, compile_mode="reduce-overhead",
                                          compile_cache_dir=str(tmp_path / "inductor"))
     assert service.device == torch.device("cuda:0")
-    assert service.compiled is not None and service.compiled.sizes == (1, 2, 4, 8)
+    assert service.pipeline.compiled is not None and service.pipeline.compiled.sizes == (1, 2, 4, 8)
     assert "reduce-overhead" in caplog.text
     frames_after_load = counters["stats"]["unique_graphs"]
     for _ in range(2):  # CUDA graphs replay from the second call of a bucket on

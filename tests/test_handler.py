@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from ts.context import Context, RequestProcessor
 
 from handler.cam import compute_cams, normalize_maps
-from handler.codec import CodecLimits
 from handler.images import decode_pixels, open_image
+from handler.limits import RequestLimits
 from handler.service import GradCamHandler
 
 LABELS = ["circle", "square", "triangle"]
@@ -98,7 +98,7 @@ def test_a_batch_answers_predictions_and_maps_equal_to_the_reference(served):
         assert body["grid_size"] == [8, 8]
         # The same pixels through the reference path: decode at the scale needed (chelsea.jpg at
         # 1/4, see test_images.py for its parity with a full decode), resize, normalise, compute_cams.
-        pixels = decode_pixels(open_image(image, CodecLimits()), (64, 64)).resized((64, 64), Image.Resampling.BICUBIC)
+        pixels = decode_pixels(open_image(image, RequestLimits()), (64, 64)).resized((64, 64), Image.Resampling.BICUBIC)
         x = (torch.tensor(pixels).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
         probs = model(x).softmax(1)[0]
         assert body["predictions"][0]["class_id"] == int(probs.argmax())
@@ -124,7 +124,7 @@ def test_on_a_gpu_the_answers_equal_the_cpu_answers(served, model_dir, monkeypat
     service, context = served
     gpu_service, gpu_context = _handler(model_dir, gpu=0, decode_device="cpu", encode_device="cpu")
     assert gpu_service.device == torch.device("cuda:0")
-    assert next(gpu_service.engine.model.parameters()).is_cuda
+    assert next(gpu_service.pipeline.engine.model.parameters()).is_cuda
     items = [{"body": _png()}, {"image": photo("chelsea.jpg"), "cam_classes": "top2", "outputs": "map,heatmap,overlay"},
              {"body": b"not an image"}, {"image": _png((40, 90)), "cam_method": "gradcam++"}]
     want_status, want = _batch(service, context, items)
@@ -209,12 +209,12 @@ def test_explain_header_gets_the_same_answer(served):
 
 def test_a_failing_pass_fails_its_batch_only(model_dir, monkeypatch):
     service, context = _handler(model_dir)
-    real = service.engine.forward
+    real = service.pipeline.engine.forward
 
     def _boom(x):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(service.engine, "forward", _boom)
+    monkeypatch.setattr(service.pipeline.engine, "forward", _boom)
     statuses, bodies = _batch(service, context, [{"body": _png()}, {"body": b""}])
     assert statuses == [500, 400]
     assert bodies[0]["error"] == "model_failure" and "injected fault" in bodies[0]["message"]
@@ -222,10 +222,10 @@ def test_a_failing_pass_fails_its_batch_only(model_dir, monkeypatch):
     def _oom(x):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(service.engine, "forward", _oom)
+    monkeypatch.setattr(service.pipeline.engine, "forward", _oom)
     statuses, bodies = _batch(service, context, [{"body": _png()}])
     assert statuses == [507] and bodies[0]["error"] == "device_out_of_memory"
-    monkeypatch.setattr(service.engine, "forward", real)
+    monkeypatch.setattr(service.pipeline.engine, "forward", real)
     statuses, _ = _batch(service, context, [{"body": _png()}])
     assert statuses == [200]
 
@@ -241,7 +241,7 @@ def test_a_response_over_the_limit_is_refused_not_sent(model_dir):
 def test_the_served_model_stays_frozen_and_hook_free(served):
     service, context = served
     _batch(service, context, [{"body": _png()}])
-    model = service.engine.model
+    model = service.pipeline.engine.model
     assert not any(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
@@ -361,7 +361,7 @@ def test_a_camera_photo_is_answered_in_its_own_frame(served):
 def test_decode_threads_do_not_change_the_answers(model_dir, served, threads):
     service, context = served
     other, other_context = _handler(model_dir, decode_threads=threads)
-    assert (other.decoder._pool is None) == (threads == 0)
+    assert (other.pipeline.decoder._pool is None) == (threads == 0)
     items = [{"body": _jpeg(_camera())}, {"body": photo("coffee.jpg")}, {"body": photo("chelsea.jpg")[:9000]},
              {"body": _png((300, 200))}]
     want_status, want = _batch(service, context, items)
@@ -381,8 +381,8 @@ def test_the_device_routes_answer_as_the_cpu_does(model_dir, served):
     service, context = served
     decode, encode = _cpu_codecs()
     device, device_context = _handler(model_dir)
-    device.decoder = ImageDecoder(2, DeviceJpegRoute("cpu", decode=decode))
-    device.encoder = DeviceJpegEncoder("cpu", encode=encode)
+    device.pipeline.decoder = ImageDecoder(2, DeviceJpegRoute("cpu", decode=decode))
+    device.pipeline.encoder = DeviceJpegEncoder("cpu", encode=encode)
     exif = Image.Exif()
     exif[0x0112] = 8
     chelsea = Image.open(DATA / "chelsea.jpg")
@@ -397,7 +397,7 @@ def test_the_device_routes_answer_as_the_cpu_does(model_dir, served):
              {"body": _jpeg(chelsea, progressive=True)},
              {"image": _png((90, 40)), "outputs": "map,overlay"},
              {"body": photo("chelsea.jpg")[:20000]}]  # truncated: never sent to the device
-    routes = device.decoder.routes([open_image(i.get("image", i.get("body")), CodecLimits()) for i in items])
+    routes = device.pipeline.decoder.routes([open_image(i.get("image", i.get("body")), RequestLimits()) for i in items])
     assert routes == ["device", "device", "cpu", "cpu", "cpu", "cpu", "cpu"]
     want_status, want = _batch(service, context, items)
     got_status, got = _batch(device, device_context, items)
@@ -418,7 +418,7 @@ def test_codec_devices_need_a_cuda_worker(model_dir):
     if torch.cuda.is_available():
         pytest.skip("this worker has a GPU")
     service, _ = _handler(model_dir)  # auto on a CPU worker: Pillow, and overlays encoded by Pillow
-    assert service.decoder.device_route is None and service.encoder is None
+    assert service.pipeline.decoder.device_route is None and service.pipeline.encoder is None
     for key in ("decode_device", "encode_device"):
         with pytest.raises(ValueError, match=f"'{key}' is 'cuda' but this worker runs on cpu"):
             _handler(model_dir, **{key: "cuda"})

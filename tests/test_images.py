@@ -17,7 +17,7 @@ import torch
 from conftest import encode_image as _encode
 from PIL import Image, ImageFile, ImageOps
 
-from handler.codec import CodecLimits, extract_request
+from handler.codec import extract_request
 from handler.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 from handler.image_tensors import (
     DeviceJpegRoute,
@@ -38,14 +38,15 @@ from handler.images import (
     decode_image,
     decode_pixels,
     device_refusal,
+    image_pixels,
     jpeg_frame,
     open_image,
     scans_end_cleanly,
 )
-from handler.render import image_pixels
+from handler.limits import RequestLimits
 
 DATA = Path(__file__).parent / "data"
-LIMITS = CodecLimits()
+LIMITS = RequestLimits()
 BICUBIC = Image.Resampling.BICUBIC
 
 
@@ -122,8 +123,8 @@ def test_pixel_limit_checked_from_header(no_pixel_load):
 
 def test_pixel_limit_is_configurable(png):
     with pytest.raises(PayloadTooLarge, match="8x6 = 48 pixels, over the limit of 47"):
-        decode_image(png, CodecLimits(max_pixels=47))
-    assert decode_image(png, CodecLimits(max_pixels=48)).size == (8, 6)
+        decode_image(png, RequestLimits(max_pixels=47))
+    assert decode_image(png, RequestLimits(max_pixels=48)).size == (8, 6)
 
 
 def test_over_max_image_bytes(png):
@@ -131,9 +132,9 @@ def test_over_max_image_bytes(png):
     with pytest.raises(
         PayloadTooLarge, match=f"{len(png)} bytes, over the limit of {limit}"
     ) as info:
-        decode_image(png, CodecLimits(max_image_bytes=limit))
+        decode_image(png, RequestLimits(max_image_bytes=limit))
     assert (info.value.field, info.value.status) == ("image", 413)
-    assert decode_image(png, CodecLimits(max_image_bytes=len(png))).size == (8, 6)
+    assert decode_image(png, RequestLimits(max_image_bytes=len(png))).size == (8, 6)
 
 
 @pytest.mark.parametrize(

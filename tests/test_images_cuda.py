@@ -19,16 +19,16 @@ from PIL import Image
 from test_handler import _batch, _camera, _handler, _jpeg, _same_answers, model_dir, served  # noqa: F401
 from test_images import _garbled_jpeg, _mean_abs, _photo
 
-from handler.codec import CodecLimits
 from handler.image_tensors import DeviceJpegRoute, resize_tensor
-from handler.images import ImageDecoder, decode_image, open_image
-from handler.render import DeviceJpegEncoder, image_pixels
+from handler.images import ImageDecoder, decode_image, image_pixels, open_image
+from handler.limits import RequestLimits
+from handler.render import DeviceJpegEncoder
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 CUDA = torch.device("cuda:0")
-LIMITS = CodecLimits()
+LIMITS = RequestLimits()
 BICUBIC = Image.Resampling.BICUBIC
 
 
@@ -138,4 +138,4 @@ def test_decode_device_cuda_loads_on_a_gpu_worker(model_dir):  # noqa: F811
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         service, _ = _handler(model_dir, gpu=0, decode_device="cuda", encode_device="cuda")
-    assert service.decoder.device_route.device == CUDA and service.encoder.device == CUDA
+    assert service.pipeline.decoder.device_route.device == CUDA and service.pipeline.encoder.device == CUDA

@@ -12,7 +12,7 @@ from test_handler import _batch, _handler, _png, model_dir  # noqa: F401  (model
 from ts.context import RequestProcessor
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
-from handler.codec import OPTION_NAMES, extract_request
+from handler.codec import extract_request
 from handler.errors import InvalidInput
 from handler.oip import V2Reply, group_tensors, is_v2_body, parse_v2, split_binary, v2_response
 
@@ -61,8 +61,8 @@ def test_option_inputs_may_be_plain_text_or_base64_as_grpc_modelinfer_sends_them
 
 
 def test_a_lone_bytes_input_is_the_image_whatever_its_name():
-    request = parse_v2({"inputs": [_tensor("input-0", [B64])]}, OPTION_NAMES)
-    assert request.image == B64 and request.reply.output == "input-0" and request.options == {}
+    request = parse_v2({"inputs": [_tensor("input-0", [B64])]})
+    assert request.image_bytes == IMAGE and request.reply.output == "input-0" and request.options == {}
 
 
 @pytest.mark.parametrize("inputs, message", [

@@ -1,0 +1,43 @@
+"""Every vocabulary of the product, defined once: the request parser, the config, the engine, the
+archiver, the clients and the docs read these tuples. Plain Python: no import at all, so a client
+can read them without torch.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CAM_METHODS",
+    "METHOD_ALIASES",
+    "OUTPUT_FORMS",
+    "OPTION_NAMES",
+    "LAYOUTS",
+    "SWITCHES",
+    "PRECISIONS",
+    "RESIZE_MODES",
+    "INTERPOLATIONS",
+    "CODEC_DEVICES",
+    "COMPILE_BATCH_MODES",
+]
+
+#: CAM methods a request may ask for (``cam_method``); the engine has one unit per name.
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+#: Other spellings accepted for a method.
+METHOD_ALIASES = {"gradcampp": "gradcam++"}
+#: Output forms of a map (``outputs``), in the order a response lists them.
+OUTPUT_FORMS = ("map", "heatmap", "overlay")
+#: Per-request options: multipart fields, JSON keys, headers, v2 parameters or inputs.
+OPTION_NAMES = ("topk", "cam_classes", "cam_method", "outputs")
+
+#: A target layer's output layout (``auto``: detected when the model loads).
+LAYOUTS = ("auto", "nchw", "nhwc", "nlc")
+#: Switches the archiver may resolve by timing (``auto``).
+SWITCHES = ("auto", "on", "off")
+#: Autocast precisions on accelerators.
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: How an image is fitted to the model input; nothing is ever cropped away.
+RESIZE_MODES = ("squash", "letterbox")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+#: Where JPEGs are decoded and encoded.
+CODEC_DEVICES = ("auto", "cpu", "cuda")
+#: How a compiled model meets batch sizes: padded to buckets, or a dynamic batch dimension.
+COMPILE_BATCH_MODES = ("buckets", "dynamic")
