@@ -15,7 +15,8 @@ layer's output shape at the served input size; an override (:class:`LayoutSpec`)
 
 The picker (:func:`find_target_layer`) runs one probe forward and one gradient pass with a
 hook on every module, and only ever chooses a layer that (1) outputs a map in a known layout,
-(2) is not an ``Identity``/pass-through or part of an attention module, (3) runs once per
+(2) is not an ``Identity``/pass-through, part of an attention module (q/k/v, proj...) or inside
+a class-attention block (CaiT's ``blocks_token_only``: it returns the class token alone), (3) runs once per
 forward, (4) receives a non-zero gradient at its patch positions (under class-token pooling a
 ViT's last block output and its ``norm2`` get exactly zero) and (5) gives a Grad-CAM map that
 is not constant. Among those it takes the last one on the grid of the model's own feature
@@ -27,6 +28,7 @@ Nothing here imports TorchServe or PIL.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -41,6 +43,7 @@ __all__ = [
     "ModelHints",
     "LayerInfo",
     "classify",
+    "token_parameters",
     "infer_layout",
     "probe_layers",
     "list_layers",
@@ -160,6 +163,8 @@ class ModelHints:
         elif _is_torchvision_vit(model):
             prefix = 1  # torchvision's VisionTransformer prepends one class token
             grid = (size[0] // model.patch_size, size[1] // model.patch_size)
+        else:
+            prefix = token_parameters(model)
         fmt = getattr(model, "output_fmt", None)
         fmt = str(getattr(fmt, "value", fmt)).upper() if fmt is not None else None
         info = getattr(model, "feature_info", None)
@@ -172,6 +177,24 @@ class ModelHints:
             if spec.grid is not None:
                 hints = replace(hints, token_grid=spec.grid)
         return hints
+
+
+_TOKEN_PARAM = re.compile(r"(?:^|\.)(cls|class|dist|reg|register)_tokens?(?:_?\d+)?$")
+
+
+def token_parameters(model: nn.Module) -> int:
+    """Prefix tokens a model holds as parameters (``cls_token``, ``dist_token``, ``reg_token``
+    of shape ``(1, k, C)``), for models that do not say ``num_prefix_tokens``. Numbered copies
+    count once: CoaT's ``cls_token1..4`` (one per stage) and CrossViT's ``cls_token_0/1`` (one per
+    branch) each put one class token before their stage's or branch's patch tokens."""
+    kinds: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        match = _TOKEN_PARAM.search(name)
+        if match is None or p.dim() not in (2, 3) or (p.dim() == 3 and p.shape[0] != 1):
+            continue
+        kind = match.group(1)
+        kinds[kind] = max(kinds.get(kind, 0), int(p.shape[-2]))
+    return sum(kinds.values())
 
 
 def _is_torchvision_vit(model: nn.Module) -> bool:
@@ -188,9 +211,9 @@ def _fits(h: int, w: int, size: tuple[int, int]) -> bool:
     return (h - 1) / height < (w + 1) / width and (w - 1) / width < (h + 1) / height
 
 
-def _token_grid(count: int, size: tuple[int, int]) -> tuple[int, int] | str | None:
+def _token_grid(count: int, size: tuple[int, int]) -> tuple[int, int] | list[tuple[int, int]] | None:
     """The grid of ``count`` patch tokens at input ``size``: the factorisation whose aspect
-    matches the input's; a message if two match equally well, None if none does."""
+    matches the input's; the two grids if two match equally well, None if none does."""
     height, width = size
     options = sorted(
         (abs(h / height - (count // h) / width), h, count // h)
@@ -199,8 +222,7 @@ def _token_grid(count: int, size: tuple[int, int]) -> tuple[int, int] | str | No
     if not options:
         return None
     if len(options) > 1 and options[1][0] - options[0][0] < 1e-12:
-        grids = " or ".join(f"{h}x{w}" for _, h, w in options[:2])
-        return f"{count} tokens could be a {grids} grid"
+        return [(h, w) for _, h, w in options[:2]]
     return options[0][1], options[0][2]
 
 
@@ -226,7 +248,8 @@ def classify(shape: tuple[int, ...], batch: int, hints: ModelHints,
             preferred = {"NHWC": "nhwc", "NCHW": "nchw"}.get(hints.output_fmt or "", spec.kind)
             found = [lay for lay in found if lay.kind == preferred]
             if not found:
-                return None, f"ambiguous: {shape[1]}x{shape[2]}x{shape[3]} reads as NCHW or NHWC"
+                return None, (f"ambiguous: {shape[1]}x{shape[2]}x{shape[3]} reads as NCHW or NHWC; "
+                              "pass --layout nchw or --layout nhwc")
     elif spec.kind in ("auto", "nlc"):
         length = shape[1]
         prefixes = [spec.prefix] if spec.prefix is not None else list(dict.fromkeys((hints.prefix, 0)))
@@ -241,8 +264,11 @@ def classify(shape: tuple[int, ...], batch: int, hints: ModelHints,
                     break
                 continue
             grid = _token_grid(count, size)
-            if isinstance(grid, str):
-                return None, f"ambiguous: {grid}"
+            if isinstance(grid, list):
+                grids = " or ".join(f"{h}x{w}" for h, w in grid)
+                flags = " or ".join(f"--grid {h} {w}" for h, w in grid)
+                return None, f"ambiguous: {count} tokens could be a {grids} grid; pass --layout nlc " \
+                             f"--prefix-tokens {k} {flags}"
             if grid is not None:
                 found.append(Layout("nlc", grid, k))
                 break
@@ -253,7 +279,9 @@ def classify(shape: tuple[int, ...], batch: int, hints: ModelHints,
                 grid = _token_grid(length - k, size) if length - k >= 2 else None
                 if isinstance(grid, tuple):
                     return None, (f"ambiguous: {length} tokens fit a {grid[0]}x{grid[1]} grid after {k} "
-                                  f"prefix token{'s' if k > 1 else ''} the model does not declare")
+                                  f"prefix token{'s' if k > 1 else ''} the model does not declare (it holds "
+                                  "none as a cls_token parameter); "
+                                  f"pass --layout nlc --prefix-tokens {k} (or --prefix-tokens 0 if none is one)")
     if not found:
         return None, "not a map"
     return found[0], ""
@@ -271,8 +299,8 @@ def infer_layout(shape: tuple[int, ...], hints: ModelHints, spec: LayoutSpec = L
         return layout
     h, w = hints.input_size
     if why.startswith("ambiguous"):
-        raise ValueError(f"{name} outputs {tuple(shape)}, {why[len('ambiguous: '):]}: pass the layout "
-                         "(--layout nchw|nhwc|nlc, --prefix-tokens K, --grid H W)")
+        what, flags = why[len("ambiguous: "):].split("; pass ")
+        raise ValueError(f"{name} outputs {tuple(shape)}, {what}: pass the layout: {flags}")
     pinned = f" as {spec.kind}" if spec.kind != "auto" else ""
     raise ValueError(
         f"{name} outputs {tuple(shape)}, which is no map{pinned} of a {h}x{w} input: expected "
@@ -337,12 +365,28 @@ class LayerInfo:
         return self.candidate and bool(self.live) and not self.flat
 
 
+# Attention modules by class (``Attention``, ``WindowAttention``, CaiT's ``ClassAttn`` and
+# ``TalkingHeadAttn``, CoaT's ``FactorAttnConvRelPosEnc``), except blocks that hold one
+# (``SelfAttnBlock``); and by attribute name, for modules of one's own.
+_ATTN_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+_BLOCK_CLASS = re.compile(r"block", re.IGNORECASE)
+_ATTN_NAMES = frozenset({
+    "attn", "attention", "self_attn", "self_attention", "cross_attn", "cross_attention", "mha",
+    "q", "k", "v", "qk", "kv", "qkv", "q_proj", "k_proj", "v_proj", "qkv_proj", "in_proj", "attn_drop",
+    "q_norm", "k_norm",
+})
+
+
 def _internals(model: nn.Module) -> set[str]:
-    """Names of attention modules and everything inside them (q/k/v norms, attn_drop, qkv...):
-    their outputs are branches and head-split tensors, never the model's map."""
-    roots = [n for n, m in model.named_modules() if n and "attention" in type(m).__name__.lower()]
-    return {n for n, _ in model.named_modules()
-            if any(n == r or n.startswith(r + ".") for r in roots)}
+    """Names of attention modules and everything inside them (q/k/v and their norms, attn_drop,
+    proj...): their outputs are branches and head-split tensors, never the model's map."""
+    roots = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if name and ("attention" in kind.lower() or (_ATTN_CLASS.search(kind) and not _BLOCK_CLASS.search(kind))
+                     or name.rsplit(".", 1)[-1].lower() in _ATTN_NAMES):
+            roots.append(name)
+    return {n for n, _ in model.named_modules() if any(n == r or n.startswith(r + ".") for r in roots)}
 
 
 def _is_view_of(output: Tensor, source: object) -> bool:
@@ -438,6 +482,13 @@ def probe_layers(model: nn.Module, input_size: tuple[int, int], spec: LayoutSpec
     finally:
         for handle in handles:
             handle.remove()
+    # Class-attention blocks (CaiT's blocks_token_only, CrossViT's fusion) take the patch tokens
+    # and return the class token alone: a map inside one is that block's branch, which the later
+    # blocks and the rest of the model never see; the patch tokens before it feed them all.
+    token_only = [n for n, i in infos.items() if len(i.shape) == 3 and 1 <= i.shape[1] <= max(hints.prefix, 1)]
+    for name, info in infos.items():
+        if info.candidate and any(name.startswith(r + ".") for r in token_only):
+            info.note = "inside a class-attention block"
     for name, info in infos.items():
         if calls[name] > 1 and not info.note:
             info.note = "runs more than once"
@@ -497,8 +548,9 @@ def pick_layer(infos: list[LayerInfo], hints: ModelHints) -> LayerInfo:
     choice = (same or usable)[-1]
     later = [i for i in infos if i.order > choice.order and i.note.startswith("ambiguous")]
     if later:
-        raise ValueError(f"layer '{later[-1].name}' {later[-1].shape}: {later[-1].note}: pass the layout "
-                         f"(--layout, --grid) or --target-layer (the last usable map is '{choice.name}')")
+        why = later[-1].note.replace("; pass ", ": pass the layout: ")
+        raise ValueError(f"layer '{later[-1].name}' {later[-1].shape}: {why}; or "
+                         f"--target-layer {choice.name} (the last usable map before it, no layout flag needed)")
     return next((i for i in infos if i.stage and i.source == choice.source), choice)
 
 

@@ -350,6 +350,10 @@ class Pipeline:
                 "limit; ask for fewer cam_classes or output forms", field="outputs"), batch_size)
         return Answer(200, text)
 
+    def reject(self, err: HandlerError) -> Answer:
+        """The answer to a request refused before it reached a batch (logged and counted)."""
+        return self._fail(0, err, 1)
+
     def _fail(self, idx: int, err: HandlerError, batch_size: int) -> Answer:
         logger.info("request %d of %d rejected: %s %s", idx, batch_size, err.status, err.message)
         if self.metrics is not None:
