@@ -281,3 +281,65 @@ class LocalServer:
             if path.exists():
                 out.append(f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(out)
+
+
+class KServeLocal:
+    """The KServe predictor (``python -m handler.kserve_server``) serving one archive on free
+    loopback ports, in a process of its own (kserve's gRPC stubs and tritonclient's cannot share
+    one: both register the ``inference`` proto package).
+
+    Args:
+        archive: a ``.mar`` file or an unpacked archive folder.
+        workdir: where the archive is unpacked and the server's output goes.
+        extra: more command-line arguments for the server.
+    """
+
+    def __init__(self, archive: Path, workdir: Path, extra: list[str] | None = None) -> None:
+        self.archive = Path(archive)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
+        self.extra = list(extra or [])
+        self.proc: subprocess.Popen | None = None
+        self.log = self.workdir / "kserve.out"
+
+    def start(self, timeout: float = 180.0) -> KServeLocal:
+        """Start the server and wait until ``/v2/health/ready`` says so."""
+        cmd = [sys.executable, "-m", "handler.kserve_server", str(self.archive), "--http-port", str(self.http_port),
+               "--grpc-port", str(self.grpc_port), "--workdir", str(self.workdir / "archives"), *self.extra]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the KServe predictor exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/v2/health/ready", timeout=2).json().get("ready"):
+                    return self
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"the KServe predictor was not ready within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM, and the exit code once it has finished (SIGKILL past ``timeout``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def __enter__(self) -> KServeLocal:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
