@@ -1,10 +1,13 @@
 # The README's two commands, plus the rest of the developer loop.
-.PHONY: serve stop test lint bench archive
+.PHONY: serve serve-kserve stop test lint bench archive
 
 serve:  ## set up, build the default archive if missing, start TorchServe on loopback
 	scripts/serve.sh
 
-stop:  ## stop the server `make serve` started
+serve-kserve:  ## the default model on KServe's own model server: REST 127.0.0.1:8085, gRPC 127.0.0.1:8086
+	scripts/serve_kserve.sh
+
+stop:  ## stop the servers `make serve` and `make serve-kserve` started
 	scripts/stop.sh
 
 test:  ## set up (venv, pinned packages, Java) and run every test

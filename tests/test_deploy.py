@@ -54,7 +54,8 @@ CHELSEA = photo("chelsea.jpg")
 EXPECTED_UNVALIDATED = {("monitoring.coreos.com/v1", "ServiceMonitor"),
                         ("serving.kserve.io/v1beta1", "InferenceService")}
 KUSTOMIZATIONS = {"base", "overlays/cpu", "overlays/gpu", "monitoring", "gateway", "components/model-store-pvc",
-                  "overlays/kserve", "overlays/kserve-gpu"}
+                  "overlays/kserve", "overlays/kserve-gpu",
+                  "overlays/kserve-predictor", "overlays/kserve-predictor-gpu"}
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
 KSERVE_OVERLAYS = ("overlays/kserve", "overlays/kserve-gpu")
 KSERVE_CONFIG = KUBE / "overlays" / "kserve" / "config" / "config.properties"
@@ -302,6 +303,39 @@ def _as_pod(predictor: dict) -> dict:
     spec = {k: v for k, v in predictor.items() if k not in KSERVE_PREDICTOR_FIELDS}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
             "spec": {**spec, "containers": [{"name": "kserve-container", **container}]}}
+
+
+@pytest.mark.parametrize("overlay", ["overlays/kserve-predictor", "overlays/kserve-predictor-gpu"])
+def test_kserve_native_predictor_is_a_valid_pod_running_our_server(rendered, overlay):
+    """KServe's own model server as a custom predictor container: the predictor less KServe's
+    fields validates strictly as a PodSpec, and its command line is one the server accepts."""
+    import kubernetes_validate
+
+    from handler.kserve_server import _parser
+
+    predictor = _predictor(rendered[overlay])
+    assert "model" not in predictor
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
+           "spec": {k: v for k, v in predictor.items() if k not in KSERVE_PREDICTOR_FIELDS}}
+    assert kubernetes_validate.validate(pod, K8S_VERSION, strict=True) == "1.32"
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["command"] == ["python", "-m", "handler.kserve_server"]
+    args = _parser().parse_args(container["args"])
+    assert (args.host, args.http_port, args.grpc_port) == ("0.0.0.0", 8080, 8081)
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    assert container["image"] == "registry.example.com/gradcam-serve:0.1.0"
+    assert args.archive.startswith("/home/model-server/model-store/")  # where the image bakes archives
+    assert (args.device == "cuda:0") == overlay.endswith("-gpu")
+    assert ("nvidia.com/gpu" in container["resources"]["limits"]) == overlay.endswith("-gpu")
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "COPY handler/ /opt/gradcam/handler/" in dockerfile and "PYTHONPATH=/opt/gradcam" in dockerfile
+
+
+def test_the_torchserve_runtime_overlays_say_they_are_legacy():
+    for overlay in KSERVE_OVERLAYS:
+        head = (KUBE / overlay / "kustomization.yaml").read_text().splitlines()[0]
+        assert head.startswith("# LEGACY: KServe deprecated its TorchServe runtime"), overlay
 
 
 @pytest.mark.parametrize("overlay", KSERVE_OVERLAYS)
