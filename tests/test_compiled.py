@@ -237,7 +237,8 @@ def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load
     eager, eager_context = _handler(model_dir)
     service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "inductor"),
                                          compile_freeze="on")
-    assert service.pipeline.compiled is not None and service.pipeline.compiled.sizes == (1, 2, 4, 8) and service.pipeline.compiled.frozen
+    compiled = service.pipeline.compiled
+    assert compiled is not None and compiled.sizes == (1, 2, 4, 8) and compiled.frozen
     assert ("compiled model_src/model.py:TinyNet (inductor, default mode, backbone frozen) for batch sizes "
             "1/2/4/8") in caplog.text
     assert any((tmp_path / "inductor").iterdir())  # the cache a restarted worker finds
@@ -308,7 +309,8 @@ def test_a_worker_that_cannot_compile_serves_eager_after_one_warning(model_dir, 
     service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "empty-cache"))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "torch.compile failed" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
-    assert service.pipeline.compiled is None and not isinstance(service.pipeline.engine.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert service.pipeline.compiled is None
+    assert not isinstance(service.pipeline.engine.model, torch._dynamo.eval_frame.OptimizedModule)
     assert service.pipeline.engine.batch_buckets is None
     eager, eager_context = _handler(model_dir)
     statuses, bodies = _batch(service, context, [{"body": _png()}, {"body": _png((40, 90))}])
