@@ -108,3 +108,22 @@ def test_readme_commands_work_verbatim(readme_server):
     own = json.loads(_bash(BLOCKS["own-serve"]).strip().splitlines()[-1])
     assert own["predictions"][0]["label"] in {"circle", "square", "triangle"}
     assert len(own["predictions"]) == 3 and own["model"] == "tinynet"
+
+
+def test_readme_kserve_commands_work_verbatim():
+    """make serve-kserve, the v1 and v2 curl examples, make stop: as the README has them."""
+    if _port_busy(8085) or _port_busy(8086):
+        pytest.fail("127.0.0.1:8085 or 8086 is in use: stop that server (make stop) to run the README test")
+    try:
+        _bash(BLOCKS["serve-kserve"], timeout=900)
+        v1 = json.loads(_bash(BLOCKS["kserve-v1"]))
+        (answer,) = v1["predictions"]
+        assert answer["predictions"][0]["class_id"] in CAT_CLASSES and len(answer["predictions"]) == 3
+        assert len(answer["cams"][0]["map"]) == 7
+        v2 = json.loads(_bash(BLOCKS["kserve-v2"]))
+        assert v2["id"] == "cat-1" and v2["model_name"] == "efficientnet_lite0"
+        assert json.loads(v2["outputs"][0]["data"][0])["predictions"] == answer["predictions"]
+    finally:
+        _bash(BLOCKS["stop"])
+        (ROOT / "request.json").unlink(missing_ok=True)
+    assert not _port_busy(8085) and not _port_busy(8086)
