@@ -21,10 +21,19 @@ DEFAULT = "efficientnet_lite0"
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
+def doc_pages() -> list[Path]:
+    """The README and every page under docs/: where users are told what to run."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme_blocks() -> dict[str, str]:
-    """The README's bash blocks marked ``<!-- readme-test: NAME -->``, by name."""
-    text = (ROOT / "README.md").read_text()
-    return dict(re.findall(r"<!-- readme-test: (\S+) -->\n```bash\n(.*?)```", text, flags=re.S))
+    """The bash blocks marked ``<!-- readme-test: NAME -->`` in the README and docs/, by name."""
+    blocks: dict[str, str] = {}
+    for page in doc_pages():
+        for name, block in re.findall(r"<!-- readme-test: (\S+) -->\n```bash\n(.*?)```", page.read_text(), flags=re.S):
+            assert name not in blocks, f"readme-test block {name!r} is defined twice ({page.name})"
+            blocks[name] = block
+    return blocks
 
 
 # Archives the tests build serve eager unless a test is about compiling (tests/test_compiled.py):
