@@ -234,9 +234,10 @@ def _usable_layers(model, config, exclude: str) -> str:
     from handler.layouts import LayoutSpec, ModelHints, pick_layer, probe_layers
 
     try:
-        spec = LayoutSpec(config.layout, config.prefix_tokens, tuple(config.grid) if config.grid else None)
-        infos = probe_layers(model, tuple(config.input_size), spec)
-        auto = pick_layer(infos, ModelHints.from_model(model, tuple(config.input_size), spec)).name
+        target = config.target
+        spec = LayoutSpec(target.layout, target.prefix_tokens, tuple(target.grid) if target.grid else None)
+        infos = probe_layers(model, tuple(config.input.input_size), spec)
+        auto = pick_layer(infos, ModelHints.from_model(model, tuple(config.input.input_size), spec)).name
     except ValueError:
         return "see --list-layers"
     usable = [i for i in infos if i.usable and i.name != exclude][-4:][::-1]
@@ -257,21 +258,22 @@ def dry_run(model, config):
     from handler.layouts import flat_maps
 
     try:
-        engine = CamEngine(model, config.target_layer, mean=config.mean, std=config.std,
-                           input_size=tuple(config.input_size), layout=config.layout,
-                           prefix_tokens=config.prefix_tokens, grid=config.grid)
+        engine = CamEngine(model, config.target.target_layer, mean=config.input.mean, std=config.input.std,
+                           input_size=tuple(config.input.input_size), layout=config.target.layout,
+                           prefix_tokens=config.target.prefix_tokens, grid=config.target.grid)
     except ValueError as exc:
         raise ArchiveError(str(exc)) from exc
     name, layout = engine.target_layer, engine.layout
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (2, *config.input_size, 3), dtype=torch.uint8, generator=gen)
+    pixels = torch.randint(0, 256, (2, *config.input.input_size, 3), dtype=torch.uint8, generator=gen)
     try:
         cam_pass = engine.forward(engine.prepare(pixels))
     except Exception as exc:
         raise ArchiveError(f"dry forward failed: {type(exc).__name__}: {exc}") from exc
     logits = cam_pass.logits
-    if logits.shape != (2, config.num_classes):
-        raise ArchiveError(f"model returns {tuple(logits.shape)} for 2 images, expected (2, {config.num_classes})")
+    if logits.shape != (2, config.model.num_classes):
+        raise ArchiveError(f"model returns {tuple(logits.shape)} for 2 images, "
+                           f"expected (2, {config.model.num_classes})")
     rows = torch.arange(2)
     try:
         grads = cam_pass.gradients([rows], [logits.argmax(dim=1)], batched=False)
@@ -365,7 +367,7 @@ def model_config_yaml(args, config) -> str:
     # would install timm's torch into every model's folder.
     server["useVenv"] = True
     # A compiled worker compiles every batch bucket in initialize: give it the time.
-    server["startupTimeout"] = args.startup_timeout or (600 if config.compile == "on" else 120)
+    server["startupTimeout"] = args.startup_timeout or (600 if config.speed.compile == "on" else 120)
     if args.device_type != "auto":
         server["deviceType"] = args.device_type
     server["handler"] = config.to_dict()
@@ -399,7 +401,7 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
             (stage / "model_src").mkdir()
             shutil.copy2(model_file, stage / "model_src" / model_file.name)
         if labels is not None:
-            (stage / config.labels).write_text(
+            (stage / config.model.labels).write_text(
                 json.dumps({str(i): name for i, name in enumerate(labels)}, indent=0), encoding="utf-8")
         weights = tmp / "model.safetensors"
         save_file(_unshared(state), str(weights))
@@ -432,7 +434,8 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from handler.config import (
+    from handler.vocab import (
+        CAM_METHODS,
         CODEC_DEVICES,
         COMPILE_BATCH_MODES,
         INTERPOLATIONS,
@@ -441,7 +444,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         RESIZE_MODES,
         SWITCHES,
     )
-    from handler.vocab import CAM_METHODS
 
     p = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -567,6 +569,7 @@ def run(args: argparse.Namespace) -> int:
     from handler.limits import RequestLimits
     from handler.models import build_model, default_preprocessing
     from handler.options import LabelIndex, parse_defaults
+    from handler.vocab import OPTION_NAMES
 
     kind = args.model.split(":", 1)[0]
     if args.name is None:
@@ -650,8 +653,8 @@ def run(args: argparse.Namespace) -> int:
             "decode_threads": args.decode_threads, "decode_device": args.decode_device,
             "encode_device": args.encode_device,
         })
-        limits = RequestLimits(max_cams=config.max_cams)
-        parse_defaults({k: getattr(config, k) for k in ("topk", "cam_classes", "cam_method", "outputs")},
+        limits = RequestLimits(max_cams=config.limits.max_cams)
+        parse_defaults({k: getattr(config.defaults, k) for k in OPTION_NAMES},
                        LabelIndex(labels, num_classes), num_classes, limits)
     except ValueError as exc:
         raise ArchiveError(str(exc)) from exc
@@ -659,25 +662,26 @@ def run(args: argparse.Namespace) -> int:
     requirements = requirements_txt(args.model, Path(args.requirements) if args.requirements else None)
 
     t = _step("dry batch through the Grad-CAM pass")
-    config.target_layer, layout = dry_run(model, config)
+    config.target.target_layer, layout = dry_run(model, config)
     for key, value in layout.to_config().items():
-        setattr(config, key, value)
-    logger.info("  target layer %s, layout %s, in %.1fs", config.target_layer, layout.describe(),
+        setattr(config.target, key, value)
+    logger.info("  target layer %s, layout %s, in %.1fs", config.target.target_layer, layout.describe(),
                 time.perf_counter() - t)
 
-    if "auto" in (config.compile, config.channels_last) or (config.compile, config.compile_freeze) == ("on", "auto"):
+    speed = config.speed
+    if "auto" in (speed.compile, speed.channels_last) or (speed.compile, speed.compile_freeze) == ("on", "auto"):
         import torch
 
         device = "cuda" if torch.cuda.is_available() and args.device_type != "cpu" else "cpu"
         t = _step(f"timing channels_last and torch.compile at batch {args.batch_size} on this machine's {device}")
         from archive_tuning import tune
 
-        config.tuning = tune(model, config, args.batch_size, device)
-        speeds = ", ".join(f"{k} {v} img/s" for k, v in config.tuning["images_per_s"].items())
-        logger.info("  %s: compile %s, channels_last %s, compile_freeze %s, in %.1fs", speeds, config.compile,
-                    config.channels_last, config.compile_freeze, time.perf_counter() - t)
-    if config.compile == "off":
-        config.compile_freeze = "off"  # nothing compiled, nothing frozen
+        config.speed.tuning = tune(model, config, args.batch_size, device)
+        speeds = ", ".join(f"{k} {v} img/s" for k, v in config.speed.tuning["images_per_s"].items())
+        logger.info("  %s: compile %s, channels_last %s, compile_freeze %s, in %.1fs", speeds, config.speed.compile,
+                    config.speed.channels_last, config.speed.compile_freeze, time.perf_counter() - t)
+    if config.speed.compile == "off":
+        config.speed.compile_freeze = "off"  # nothing compiled, nothing frozen
 
     t = _step(f"packaging {target}")
     mar = package(args, config, model.state_dict(), model_file, labels, requirements)

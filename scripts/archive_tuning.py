@@ -49,7 +49,7 @@ def _time_passes(engines: dict, pixels, classes, reps: int) -> tuple[dict[str, f
 
 
 def tune(model, config, batch_size: int, device: str, reps: int = 7) -> dict:
-    """Resolve ``auto`` in ``config.channels_last``, ``compile`` and ``compile_freeze`` by timing
+    """Resolve ``auto`` in ``config.speed.channels_last``, ``compile`` and ``compile_freeze`` by timing
     the options here, on this machine's device; ``config`` is updated.
 
     Each option is kept only when it is correct (its normalised maps within 1e-4 of the eager
@@ -62,7 +62,7 @@ def tune(model, config, batch_size: int, device: str, reps: int = 7) -> dict:
     interleaved rounds.
 
     Returns:
-        ``config.tuning``: the device, batch, images/s per option and the choice.
+        ``config.speed.tuning``: the device, batch, images/s per option and the choice.
     """
     import copy
     import itertools
@@ -74,34 +74,35 @@ def tune(model, config, batch_size: int, device: str, reps: int = 7) -> dict:
     from handler.host import tune_malloc
 
     # As the worker will run: its malloc settings halve a CPU batch's time (handler/host.py).
-    tune_malloc(config.malloc_mmap_threshold_mib, config.malloc_trim_threshold_mib)
+    tune_malloc(config.host.malloc_mmap_threshold_mib, config.host.malloc_trim_threshold_mib)
 
     def engine(channels_last: bool):
-        return CamEngine(copy.deepcopy(model), config.target_layer, device=device, mean=config.mean, std=config.std,
-                         input_size=tuple(config.input_size), channels_last=channels_last,
-                         precision=config.precision if device == "cuda" else "fp32")
+        return CamEngine(copy.deepcopy(model), config.target.target_layer, device=device, mean=config.input.mean,
+                         std=config.input.std,
+                         input_size=tuple(config.input.input_size), channels_last=channels_last,
+                         precision=config.speed.precision if device == "cuda" else "fp32")
 
     def choices(switch: str) -> tuple[bool, ...]:
         return (False, True) if switch == "auto" else (switch == "on",)
 
     gen = torch.Generator().manual_seed(1)
-    pixels = torch.randint(0, 256, (batch_size, *config.input_size, 3), dtype=torch.uint8, generator=gen)
-    classes = (torch.arange(batch_size) % config.num_classes).to(device)
+    pixels = torch.randint(0, 256, (batch_size, *config.input.input_size, 3), dtype=torch.uint8, generator=gen)
+    classes = (torch.arange(batch_size) % config.model.num_classes).to(device)
     engines = {"eager": engine(False)}
-    if config.channels_last == "auto":
+    if config.speed.channels_last == "auto":
         engines["channels_last"] = engine(True)
     options = {}  # compiled option -> (channels_last, frozen)
-    if config.compile != "off":
-        freezes = choices(config.compile_freeze) if config.compile_backend == "inductor" else (False,)
-        for layout, frozen in itertools.product(choices(config.channels_last), freezes):
+    if config.speed.compile != "off":
+        freezes = choices(config.speed.compile_freeze) if config.speed.compile_backend == "inductor" else (False,)
+        for layout, frozen in itertools.product(choices(config.speed.channels_last), freezes):
             key = "compiled" + ("_channels_last" if layout else "") + ("_frozen" if frozen else "")
             candidate = engine(layout)
             candidate.batched_targets = False
             logger.info("  compiling the pass (%s%s) to time it (a minute or so on a CPU) ...",
                         "channels-last" if layout else "NCHW", ", frozen" if frozen else "")
             try:
-                CompiledPass(candidate, batch_size, config.compile_batch, config.compile_backend,
-                             config.compile_mode, freeze=frozen)
+                CompiledPass(candidate, batch_size, config.speed.compile_batch, config.speed.compile_backend,
+                             config.speed.compile_mode, freeze=frozen)
                 _once(candidate, pixels, classes)  # compiles
             except Exception as exc:  # no C++ compiler, an unsupported op: serve eager
                 logger.warning("  torch.compile failed here (%s: %s): the archive serves eager",
@@ -114,31 +115,31 @@ def tune(model, config, batch_size: int, device: str, reps: int = 7) -> dict:
     finally:
         torch._dynamo.reset()  # the candidates' graphs: no use to the archive
     diffs = {k: float((m - maps["eager"]).abs().max()) for k, m in maps.items() if k != "eager"}
-    channels_last = config.channels_last == "on"
-    if config.channels_last == "auto":
+    channels_last = config.speed.channels_last == "on"
+    if config.speed.channels_last == "auto":
         channels_last = diffs["channels_last"] <= 1e-4 and speeds["channels_last"] >= 1.05 * speeds["eager"]
     # What compiling must beat: eager in the chosen layout (eager NCHW where channels-last was
     # not timed but set on: compile on, freezing auto).
     base = speeds.get("channels_last" if channels_last else "eager", speeds["eager"])
     fits = {k: speeds[k] for k in options
-            if diffs[k] <= 1e-4 and (config.compile == "on" or speeds[k] >= 1.05 * base)}
+            if diffs[k] <= 1e-4 and (config.speed.compile == "on" or speeds[k] >= 1.05 * base)}
     # Frozen only where it is 5% faster than the best unfrozen option.
     unfrozen = max((k for k in fits if not options[k][1]), key=fits.get, default=None)
     frozen = max((k for k in fits if options[k][1]), key=fits.get, default=None)
     best = frozen if frozen and (unfrozen is None or fits[frozen] >= 1.05 * fits[unfrozen]) else unfrozen
     if best is not None:
-        config.compile = "on"
+        config.speed.compile = "on"
         channels_last, freeze = options[best]
-        config.compile_freeze = "on" if freeze else "off"
-    elif config.compile == "auto":
-        config.compile = "off"
-    if config.compile_freeze == "auto":  # compile on and not timed (it failed here): the worker decides nothing
-        config.compile_freeze = "off"
-    config.channels_last = "on" if channels_last else "off"
+        config.speed.compile_freeze = "on" if freeze else "off"
+    elif config.speed.compile == "auto":
+        config.speed.compile = "off"
+    if config.speed.compile_freeze == "auto":  # compile on and not timed (it failed here): the worker decides nothing
+        config.speed.compile_freeze = "off"
+    config.speed.channels_last = "on" if channels_last else "off"
     return {
         "device": device, "batch": batch_size,
         "images_per_s": {k: round(v, 1) for k, v in speeds.items()},
         "max_map_difference": {k: float(f"{v:.2g}") for k, v in diffs.items()},
-        "chosen": {"channels_last": config.channels_last, "compile": config.compile,
-                   "compile_freeze": config.compile_freeze},
+        "chosen": {"channels_last": config.speed.channels_last, "compile": config.speed.compile,
+                   "compile_freeze": config.speed.compile_freeze},
     }

@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.malloc == "tuned":  # before the first large allocation, as the handler does
         defaults = ServeConfig()
-        tune_malloc(defaults.malloc_mmap_threshold_mib, defaults.malloc_trim_threshold_mib)
+        tune_malloc(defaults.host.malloc_mmap_threshold_mib, defaults.host.malloc_trim_threshold_mib)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":

@@ -49,10 +49,10 @@ def test_pad_batch_repeats_the_last_image():
 
 
 def test_config_switches_accept_the_old_booleans_and_refuse_unknown_values():
-    assert ServeConfig.from_dict({"channels_last": True}).channels_last == "on"
-    assert ServeConfig.from_dict({"compile": False}).compile == "off"
-    assert ServeConfig.from_dict({"compile_freeze": True}).compile_freeze == "on"
-    assert ServeConfig.from_dict({}).compile_freeze == "off"
+    assert ServeConfig.from_dict({"channels_last": True}).speed.channels_last == "on"
+    assert ServeConfig.from_dict({"compile": False}).speed.compile == "off"
+    assert ServeConfig.from_dict({"compile_freeze": True}).speed.compile_freeze == "on"
+    assert ServeConfig.from_dict({}).speed.compile_freeze == "off"
     with pytest.raises(ValueError, match="'compile_freeze' must be one of auto, on, off"):
         ServeConfig.from_dict({"compile_freeze": "yes"})
     with pytest.raises(ValueError, match="'compile' must be one of auto, on, off"):

@@ -68,7 +68,7 @@ def test_layout_spec_is_validated():
 
 def test_serve_config_validates_layout_keys():
     config = ServeConfig.from_dict({"layout": "nlc", "prefix_tokens": 2, "grid": [14, 14]})
-    assert (config.layout, config.prefix_tokens, config.grid) == ("nlc", 2, [14, 14])
+    assert (config.target.layout, config.target.prefix_tokens, config.target.grid) == ("nlc", 2, [14, 14])
     for bad, key in (({"layout": "tokens"}, "layout"), ({"prefix_tokens": -1}, "prefix_tokens"),
                      ({"layout": "nchw", "prefix_tokens": 1}, "prefix_tokens"), ({"grid": [7]}, "grid")):
         with pytest.raises(ValueError, match=f"handler config '{key}'"):
