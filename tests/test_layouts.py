@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from conftest import run_archiver
-from families import BY_KEY, FAMILIES, Family, pgc_maps
+from support.families import BY_KEY, FAMILIES, Family, pgc_maps
 from torch import nn
 
 from handler.cam import METHODS, CamEngine, compute_cams, normalize_maps
@@ -408,7 +408,7 @@ def test_bf16_autocast_on_cpu_every_layout(built, key):
 
 
 def _archive_module():
-    import archive  # scripts/, on sys.path through conftest
+    from handler.tools import archive
 
     return archive
 

@@ -1,4 +1,4 @@
-"""scripts/loadtest.py, briefly, against the test server: the report's fields and values."""
+"""scripts/load/loadtest.py, briefly, against the test server: the report's fields and values."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _plots_are_embedded(out, names: set[str]) -> None:
 def test_load_script_reports_throughput_latency_errors_and_batches(server, tmp_path):
     out = tmp_path / "report"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.url, "--metrics-url",
+        [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url",
          server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "4", "--duration", "6",
          "--max-requests", "400", "--outputs", "map", "-q", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=180)
@@ -79,7 +79,7 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
     assert before == start + 2  # the counter sees maps
     out = tmp_path / "raw"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.url, "--metrics-url",
+        [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url",
          server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "10",
          "--max-requests", "40", "--outputs", "predictions", "--body", "raw", "-q", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -91,7 +91,7 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
 
 
 def test_load_script_refuses_non_loopback_targets(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", "http://10.0.0.1:8080",
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", "http://10.0.0.1:8080",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "only targets loopback" in done.stderr
 
@@ -99,7 +99,7 @@ def test_load_script_refuses_non_loopback_targets(tmp_path):
 def test_bad_requests_show_up_by_status(server, tmp_path):
     out = tmp_path / "bad"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.url, "--metrics-url", "",
+        [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url", "",
          "--token", "wrong-token", "--model", DEFAULT, "-u", "2", "--duration", "3", "-q", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
@@ -134,7 +134,7 @@ def test_history_gives_each_seconds_requests_and_skips_empty_percentiles(tmp_pat
 
 @pytest.mark.parametrize("rows, said", [("map,bogus", "unknown row(s) bogus"), (",", "(none given)")])
 def test_compare_load_refuses_unknown_rows_before_building_anything(rows, said):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_load.py"), "--rows", rows],
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "compare_load.py"), "--rows", rows],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert said in done.stderr and "choose from predictions, map, overlay, eager, frozen, unfrozen" in done.stderr
