@@ -3,7 +3,7 @@
 
 Reports requests/s, latency p50/p90/p99/max, errors by status, and the server-side batch-size
 distribution read from the metrics endpoint (the handler's GradcamBatches counter) before and
-after the run, with plots next to report.md (scripts/load/loadplots.py): timeline.png (requests/s
+after the run, with plots next to report.md (devkit/loadplots.py): timeline.png (requests/s
 and latency percentiles over the run) and batch_sizes.png. Loopback only; bounded by --duration
 and --max-requests.
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              / max(sum(k * v for k, v in dist.items()), 1), 2) if batches else None,
     }
     try:
-        from loadplots import write_plots
+        from devkit.loadplots import write_plots
 
         report["plots"] = write_plots(report, out / "locust_stats_history.csv", out)
     except ImportError as exc:  # matplotlib comes with the test extras (scripts/ops/bootstrap.sh test)

@@ -119,7 +119,7 @@ def test_the_load_test_sends_camera_photos(server, tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--camera", "--url", server.url,
          "--metrics-url", "",
-         "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "8", "--max-requests", "12", "-q",
+         "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "180", "--max-requests", "4", "-q",
          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())

@@ -301,6 +301,7 @@ def test_a_compiled_archive_serves_the_same_answers_on_a_real_server(server, wei
 
     import yaml
     from conftest import DATA, run_archiver
+
     from devkit.tslocal import LocalServer
 
     store = tmp_path / "store"

@@ -1,4 +1,9 @@
-"""scripts/load/loadtest.py, briefly, against the test server: the report's fields and values."""
+"""scripts/load/loadtest.py, briefly, against the test server: the report's fields and values.
+
+Every run here ends by its request count (--max-requests), never by its clock: --duration is only a
+cap. A run bounded by seconds asserts a throughput, which a busy 2-core machine does not promise
+(a 10-second run once reported 0 requests during the full suite: the shared server was still
+computing requests an earlier run had given up on, and the machine was busy)."""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ import time
 import pytest
 import requests
 from conftest import DEFAULT, ROOT
-from loadplots import read_history
 from PIL import Image
+
+from devkit.loadplots import read_history
 
 pytestmark = pytest.mark.server
 
@@ -36,8 +42,8 @@ def test_load_script_reports_throughput_latency_errors_and_batches(server, tmp_p
     out = tmp_path / "report"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url",
-         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "4", "--duration", "6",
-         "--max-requests", "400", "--outputs", "map", "-q", "--out", str(out)],
+         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "4", "--duration", "120",
+         "--max-requests", "24", "--outputs", "map", "-q", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
@@ -72,7 +78,7 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
                       headers={"Authorization": f"Bearer {server.token}", "Content-Type": "image/jpeg",
                                "cam_classes": "top2"}, timeout=60)
     assert r.status_code == 200 and len(r.json()["cams"]) == 2
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while _maps_served(server) < start + 2 and time.monotonic() < deadline:
         time.sleep(0.3)
     before = _maps_served(server)
@@ -80,8 +86,8 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
     out = tmp_path / "raw"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url",
-         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "10",
-         "--max-requests", "40", "--outputs", "predictions", "--body", "raw", "-q", "--out", str(out)],
+         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "120",
+         "--max-requests", "12", "--outputs", "predictions", "--body", "raw", "-q", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
@@ -100,7 +106,8 @@ def test_bad_requests_show_up_by_status(server, tmp_path):
     out = tmp_path / "bad"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url", "",
-         "--token", "wrong-token", "--model", DEFAULT, "-u", "2", "--duration", "3", "-q", "--out", str(out)],
+         "--token", "wrong-token", "--model", DEFAULT, "-u", "2", "--duration", "120", "--max-requests", "10", "-q",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     report = json.loads((out / "report.json").read_text())
