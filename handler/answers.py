@@ -86,7 +86,7 @@ class AnswerWriter:
                         cam["overlay"] = base64.b64encode(host["overlay_jpeg"][start:stop].tobytes()).decode("ascii")
                     elif "overlay" in wants[p]:
                         cam["overlay"] = jpeg_base64(host["overlay"][at_blended[p], :fh, :fw],
-                                                     self.config.overlay_quality)
+                                                     self.config.render.overlay_quality)
                 body["cams"].append(cam)
             first_target += count
             body.update(self._geometry(job, boxes[j], grid))
@@ -108,8 +108,8 @@ class AnswerWriter:
             "target_layer": self.engine.target_layer,
             "layout": self.engine.layout.kind,
             "image_size": list(job.photo.size),
-            "input_size": list(reversed(self.config.input_size)),
-            "resize": self.config.resize,
+            "input_size": list(reversed(self.config.input.input_size)),
+            "resize": self.config.input.resize,
             "grid_size": [gw, gh],
             # The image covers this part of the grid, in grid cells (x0, y0, x1, y1).
             "grid_box": [round(box[0] * gw, 4), round(box[1] * gh, 4),

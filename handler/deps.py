@@ -1,6 +1,6 @@
 """The archive's serve-time packages: listed by the archiver, checked by the worker before import.
 
-``scripts/archive.py`` writes ``requirements.txt`` into every archive with the exact versions the
+``handler/tools/archive.py`` writes ``requirements.txt`` into every archive with the exact versions the
 handler was built and tested with. A TorchServe with ``install_py_dep_per_model=true`` installs
 them when it loads the archive; any other server must already have them. The worker checks them
 first thing, before importing anything outside the standard library, so a missing package fails

@@ -178,47 +178,47 @@ class Pipeline:
         self.config = config = ServeConfig.from_dict(archive.handler)
         self.metrics = metrics
         # Once per worker process, before the first large allocation.
-        tune_malloc(config.malloc_mmap_threshold_mib, config.malloc_trim_threshold_mib)
+        tune_malloc(config.host.malloc_mmap_threshold_mib, config.host.malloc_trim_threshold_mib)
 
-        model = build_model(config.model, config.num_classes, config.model_kwargs, archive.model_dir)
+        model = build_model(config.model.source, config.model.num_classes, config.model.model_kwargs, archive.model_dir)
         load_state_dict_strict(model, _load_weights(archive.model_dir / archive.weights))
-        labels = read_labels(archive.model_dir / config.labels) if config.labels else None
-        if labels is not None and len(labels) != config.num_classes:
-            raise ValueError(f"{config.labels} has {len(labels)} names for {config.num_classes} classes")
+        labels = read_labels(archive.model_dir / config.model.labels) if config.model.labels else None
+        if labels is not None and len(labels) != config.model.num_classes:
+            raise ValueError(f"{config.model.labels} has {len(labels)} names for {config.model.num_classes} classes")
         self.engine = CamEngine(
             model,
-            config.target_layer,
+            config.target.target_layer,
             device=device,
-            mean=config.mean,
-            std=config.std,
-            input_size=tuple(config.input_size),
-            precision=config.precision if device.type == "cuda" else "fp32",
-            channels_last=config.channels_last == "on",
-            batched_targets=config.batched_targets,
-            layout=config.layout,
-            prefix_tokens=config.prefix_tokens,
-            grid=config.grid,
+            mean=config.input.mean,
+            std=config.input.std,
+            input_size=tuple(config.input.input_size),
+            precision=config.speed.precision if device.type == "cuda" else "fp32",
+            channels_last=config.speed.channels_last == "on",
+            batched_targets=config.speed.batched_targets,
+            layout=config.target.layout,
+            prefix_tokens=config.target.prefix_tokens,
+            grid=config.target.grid,
         )
         for key in ("channels_last", "compile", "compile_freeze"):
-            if getattr(config, key) == "auto":
+            if getattr(config.speed, key) == "auto":
                 logger.info("%s is 'auto' but was not resolved by the archiver: serving with it off", key)
-        self.limits = RequestLimits(config.max_image_bytes, config.max_pixels, config.max_cams)
-        self.label_index = LabelIndex(labels, config.num_classes)
-        self.defaults = parse_defaults({k: getattr(config, k) for k in OPTION_NAMES}, self.label_index,
-                                       config.num_classes, self.limits)
+        self.limits = RequestLimits(config.limits.max_image_bytes, config.limits.max_pixels, config.limits.max_cams)
+        self.label_index = LabelIndex(labels, config.model.num_classes)
+        self.defaults = parse_defaults({k: getattr(config.defaults, k) for k in OPTION_NAMES}, self.label_index,
+                                       config.model.num_classes, self.limits)
         # Letterbox padding is the mean colour: zero after normalisation.
-        fill = tuple(int(v) for v in np.round(np.asarray(config.mean) * 255))
-        self.layout = InputLayout(tuple(config.input_size), config.resize, config.interpolation, fill)
-        self.decoder = ImageDecoder(config.decode_threads, _decode_route(config, device))
+        fill = tuple(int(v) for v in np.round(np.asarray(config.input.mean) * 255))
+        self.layout = InputLayout(tuple(config.input.input_size), config.input.resize, config.input.interpolation, fill)
+        self.decoder = ImageDecoder(config.host.decode_threads, _decode_route(config, device))
         self.encoder = _overlay_encoder(config, device)
         self.writer = AnswerWriter(archive.model_name, labels, self.engine, config)
-        warm = Image.new("RGB", tuple(reversed(config.input_size)), (128, 128, 128))
+        warm = Image.new("RGB", tuple(reversed(config.input.input_size)), (128, 128, 128))
         self._run([self._job(0, Photo.of(warm), self.defaults)])
-        self.compiled = self._compile(max(1, archive.batch_size), warm) if config.compile == "on" else None
+        self.compiled = self._compile(max(1, archive.batch_size), warm) if config.speed.compile == "on" else None
         logger.info(
             "loaded %s (%s) on %s, target layer %s (%s), input %s, %s",
-            self.model_name, config.model, device, self.engine.target_layer,
-            self.engine.layout.describe(), config.input_size, config.precision,
+            self.model_name, config.model.source, device, self.engine.target_layer,
+            self.engine.layout.describe(), config.input.input_size, config.speed.precision,
         )
 
     # ------------------------------------------------------------------ load
@@ -231,9 +231,9 @@ class Pipeline:
         config = self.config
         started = time.perf_counter()
         try:
-            compiled = CompiledPass(self.engine, batch_size, config.compile_batch, config.compile_backend,
-                                    config.compile_mode, config.compile_cache_dir,
-                                    config.compile_freeze == "on")
+            compiled = CompiledPass(self.engine, batch_size, config.speed.compile_batch, config.speed.compile_backend,
+                                    config.speed.compile_mode, config.speed.compile_cache_dir,
+                                    config.speed.compile_freeze == "on")
         except Exception as exc:  # compiling must never stop a load: serve eager
             logger.warning("torch.compile could not be set up (%s: %s); serving the eager model",
                            type(exc).__name__, exc)
@@ -245,8 +245,8 @@ class Pipeline:
         if not compiled.active:
             self.engine.batched_targets = batched_targets
             return None
-        logger.info("compiled %s (%s, %s%s) for batch sizes %s in %.1f s (%s); kernel cache %s", config.model,
-                    config.compile_backend, config.compile_mode or "default mode",
+        logger.info("compiled %s (%s, %s%s) for batch sizes %s in %.1f s (%s); kernel cache %s", config.model.source,
+                    config.speed.compile_backend, config.speed.compile_mode or "default mode",
                     ", backbone frozen" if compiled.frozen else "", "/".join(map(str, compiled.sizes)),
                     time.perf_counter() - started, ", ".join(f"{n}: {s:.1f} s" for n, s in seconds.items()),
                     compiled.cache or "inductor's default")
@@ -273,7 +273,7 @@ class Pipeline:
                     raise request
                 source = open_image(request.image_bytes, self.limits)  # header and limits only
                 options = parse_options(request.options, self.defaults, self.label_index,
-                                        self.config.num_classes, self.limits)
+                                        self.config.model.num_classes, self.limits)
                 pending.append((idx, source, options))
             except HandlerError as err:
                 answers[idx] = self._fail(idx, err, size)
@@ -318,7 +318,7 @@ class Pipeline:
             return [ModelFailure(f"inference failed: {type(exc).__name__}: {exc}")] * len(jobs)
 
     def _job(self, idx: int, photo: Photo, options) -> Job:
-        return Job(idx, photo, options, frame_size(*photo.size, self.config.max_side))
+        return Job(idx, photo, options, frame_size(*photo.size, self.config.render.max_side))
 
     def _decode_displays(self, jobs: list[Job]) -> None:
         """The pictures overlays are drawn on, for the jobs whose frame needs more pixels than the
@@ -344,9 +344,9 @@ class Pipeline:
             return self._fail(idx, body, batch_size)
         body["batch_size"] = batch_size
         text = json.dumps(body, separators=(",", ":"))
-        if len(text) > self.config.max_response_bytes:
+        if len(text) > self.config.limits.max_response_bytes:
             return self._fail(idx, ResponseTooLarge(
-                f"response of {len(text)} bytes exceeds the {self.config.max_response_bytes}-byte "
+                f"response of {len(text)} bytes exceeds the {self.config.limits.max_response_bytes}-byte "
                 "limit; ask for fewer cam_classes or output forms", field="outputs"), batch_size)
         return Answer(200, text)
 
@@ -420,7 +420,7 @@ class Pipeline:
         images = display_batch(photos, photo_frames, tuple(heat.shape[1:]), self.device)
         pick = device_index([slot[rows[p]] for p in blended], self.device)
         heat_rows = device_index([at_drawn[p] for p in blended], self.device)
-        return blend(heat[heat_rows], images[pick], self.engine.lut, self.config.overlay_alpha)
+        return blend(heat[heat_rows], images[pick], self.engine.lut, self.config.render.overlay_alpha)
 
     def _encode_overlays(self, overlay: torch.Tensor, frames: list[tuple[int, int]]) -> dict | None:
         """Overlay JPEGs encoded on the device, as one byte tensor (only the bytes reach the
@@ -428,7 +428,7 @@ class Pipeline:
         if self.encoder is None:
             return None
         encoded = self.encoder.encode([overlay[i, :fh, :fw] for i, (fh, fw) in enumerate(frames)],
-                                      self.config.overlay_quality)
+                                      self.config.render.overlay_quality)
         return {"overlay_jpeg": torch.cat(encoded), "overlay_jpegs": encoded} if encoded else None
 
 
@@ -476,19 +476,19 @@ def _device_codec(key: str, choice: str, make, what: str):
 
 def _decode_route(config: ServeConfig, device: torch.device) -> DeviceJpegRoute | None:
     """nvJPEG for the batch's baseline JPEGs, when the config and the worker allow it."""
-    if not _codec_on_device("decode_device", config.decode_device, device):
+    if not _codec_on_device("decode_device", config.host.decode_device, device):
         return None
-    if config.decode_device == "auto" and config.interpolation == "lanczos":
+    if config.host.decode_device == "auto" and config.input.interpolation == "lanczos":
         logger.info("decoding on the CPU: the device has no lanczos resize (decode_device: cuda resizes bicubic)")
         return None
-    return _device_codec("decode_device", config.decode_device, lambda: DeviceJpegRoute(device), "decode")
+    return _device_codec("decode_device", config.host.decode_device, lambda: DeviceJpegRoute(device), "decode")
 
 
 def _overlay_encoder(config: ServeConfig, device: torch.device) -> DeviceJpegEncoder | None:
     """nvJPEG for overlay JPEGs, when the config and the worker allow it."""
-    if not _codec_on_device("encode_device", config.encode_device, device):
+    if not _codec_on_device("encode_device", config.host.encode_device, device):
         return None
-    return _device_codec("encode_device", config.encode_device, lambda: DeviceJpegEncoder(device), "encode")
+    return _device_codec("encode_device", config.host.encode_device, lambda: DeviceJpegEncoder(device), "encode")
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

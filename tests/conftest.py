@@ -1,4 +1,4 @@
-"""Shared fixtures: archives built by scripts/archive.py and one real TorchServe serving them."""
+"""Shared fixtures: archives built by handler/tools/archive.py and one real TorchServe serving them."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from tslocal import LocalServer  # noqa: E402
+from devkit.tslocal import LocalServer  # noqa: E402
 
 DEFAULT = "efficientnet_lite0"
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -43,10 +42,10 @@ EAGER = ("--compile", "off", "--channels-last", "off")
 
 
 def run_archiver(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run scripts/archive.py as a user would, from the repo root (eager unless ``--compile`` is given)."""
+    """Run handler/tools/archive.py as a user would, from the repo root (eager unless ``--compile`` is given)."""
     if not any(a.startswith(("--compile", "--channels-last", "--help")) for a in args):
         args = (*args, *EAGER)
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py"), *args],
+    done = subprocess.run([sys.executable, "-m", "handler.tools.archive", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and done.returncode != 0:
         raise AssertionError(f"archive.py {' '.join(args)} failed:\n{done.stderr}")
@@ -57,9 +56,9 @@ def make_weights(folder: Path) -> dict[str, Path]:
     """Seeded random weights in the formats users bring (nested, DataParallel prefix...)."""
     import timm
     import torchvision
+    from support.tinynet import tinynet_class
 
-    sys.path.insert(0, str(DATA / "tinynet"))
-    from model import TinyNet
+    TinyNet = tinynet_class()  # noqa: N806
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,7 +103,7 @@ def model_store(tmp_path_factory, weights) -> Path:
     }
     procs = {
         name: subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--export-path", str(store), *args, *EAGER],
+            [sys.executable, "-m", "handler.tools.archive", "-q", "--export-path", str(store), *args, *EAGER],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, args in builds.items()
     }

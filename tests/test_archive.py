@@ -1,4 +1,4 @@
-"""scripts/archive.py: archives for every model source, served for real; mistakes caught at build."""
+"""handler/tools/archive.py: archives for every model source, served for real; mistakes caught at build."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DATA, EAGER, ROOT, photo, run_archiver
+from conftest import DATA, EAGER, photo, run_archiver
 
 
 @pytest.mark.server
@@ -165,7 +165,7 @@ def test_decode_settings_reach_the_handler_config(tmp_path, tiny_weights):
 def test_parallel_builds_of_one_name_do_not_collide(tmp_path, tiny_weights):
     outs = [tmp_path / "a", tmp_path / "b"]
     procs = [subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--model",
+        [sys.executable, "-m", "handler.tools.archive", "-q", "--model",
          f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3", "--input-size", "64",
          "--weights", str(tiny_weights), "--name", "same", "--export-path", str(out), *EAGER],
         stderr=subprocess.PIPE, text=True) for out in outs]

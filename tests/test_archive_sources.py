@@ -1,4 +1,4 @@
-"""scripts/archive.py takes a classifier as its user gives it: the class count from the model and
+"""handler/tools/archive.py takes a classifier as its user gives it: the class count from the model and
 its weights (torchvision without flags, another head, a headless timm model with a head's
 weights), clear refusals for a headless model and a --num-classes the weights contradict, prefix
 tokens that the model holds as parameters, and no attention internal or class-attention branch
@@ -16,14 +16,14 @@ import torch
 import torchvision
 import yaml
 from conftest import DATA, EAGER, run_archiver
-from families import Family
+from support.families import Family
 
 from handler.layouts import Layout, ModelHints, auto_target, probe_layers, token_parameters
 from handler.models import build_model, classifier_head, weights_classes
 
 
 def _archive_module():
-    import archive  # scripts/, on sys.path through conftest
+    from handler.tools import archive
 
     return archive
 

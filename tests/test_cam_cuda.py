@@ -2,7 +2,7 @@
 batch and no device wait before it, the precisions and memory formats, every activation layout
 (NCHW, NHWC, tokens) with the five methods, and device memory at the level of plain inference.
 
-Skipped without a GPU (CI has none): scripts/gpu_check.sh runs them on a lent GPU machine.
+Skipped without a GPU (CI has none): scripts/ops/gpu_check.sh runs them on a lent GPU machine.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from families import BY_KEY
+from support.families import BY_KEY
 from test_cam import ARCHS, SIZE, _build, _calibrated, _pearson, _top_targets
 
 from handler.cam import (

@@ -2,7 +2,7 @@
 
 A 12 MP photo (decoded at the DCT scale it needs) is answered as the same scene at web size;
 progressive, EXIF-rotated and CMYK versions of it as the plain one; the answer stays in the
-photo's own frame. Photos from scripts/camera_photos.py, made from tests/data/chelsea.jpg. And,
+photo's own frame. Photos from devkit/camera_photos.py, made from tests/data/chelsea.jpg. And,
 in-process, the scaled decode predicts as the full decode on 12 MP versions of every test photo.
 """
 
@@ -17,10 +17,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from camera_photos import DATA, camera_pixels, camera_set, jpeg
 from conftest import CAT_CLASSES, DEFAULT, ROOT
 from PIL import Image
 
+from devkit.camera_photos import DATA, camera_pixels, camera_set, jpeg
 from handler.images import decode_image, decode_pixels, image_pixels, open_image
 from handler.limits import RequestLimits
 
@@ -88,9 +88,8 @@ def test_pictures_of_a_camera_photo_are_in_its_own_frame(answers):
 @pytest.fixture(scope="module")
 def lite0():
     """The default model with its pretrained weights, in-process."""
-    from archive import DEFAULT_MODEL, PACKAGE_WEIGHTS, map_by_order, read_state_dict
-
     from handler.models import build_model, load_state_dict_strict
+    from handler.tools.archive import DEFAULT_MODEL, PACKAGE_WEIGHTS, map_by_order, read_state_dict
 
     model = build_model(DEFAULT_MODEL, 1000, {})
     load_state_dict_strict(model, map_by_order(read_state_dict(PACKAGE_WEIGHTS, DEFAULT_MODEL), model))
@@ -118,8 +117,9 @@ def test_the_scaled_decode_predicts_as_the_full_decode(lite0, name):
 def test_the_load_test_sends_camera_photos(server, tmp_path):
     out = tmp_path / "report"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--camera", "--url", server.url, "--metrics-url", "",
-         "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "8", "--max-requests", "12", "-q",
+        [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--camera", "--url", server.url,
+         "--metrics-url", "",
+         "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "180", "--max-requests", "4", "-q",
          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())

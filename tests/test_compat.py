@@ -19,8 +19,8 @@ import pytest
 import requests
 import yaml
 from conftest import DEFAULT, ROOT, peak, photo, readme_blocks, run_archiver
-from tslocal import LocalServer
 
+from devkit.tslocal import LocalServer
 from handler.deps import read_requirements
 from handler.metrics import METRICS
 
@@ -140,7 +140,7 @@ def test_the_readme_curl_examples_work_against_a_plain_config_server(plain_defau
     token = plain_default.token
     for name in ("raw", "raw-headers", "multipart", "json", "explain"):
         # Verbatim but for the server's address and token: this server is not `make serve`'s.
-        script = (blocks["token"] + blocks[name]).replace("$(scripts/token.sh)", token)
+        script = (blocks["token"] + blocks[name]).replace("$(scripts/ops/token.sh)", token)
         script = script.replace("http://127.0.0.1:8080", plain_default.url).replace("request.json",
                                                                                     str(tmp_path / "request.json"))
         done = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=ROOT, capture_output=True,

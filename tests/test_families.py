@@ -23,9 +23,10 @@ import pytest
 import torch
 import yaml
 from conftest import DATA, EAGER, ROOT
-from families import EXTRAS, FAMILIES, Family, pgc_maps, save_weights
 from PIL import Image
-from tslocal import LocalServer
+from support.families import EXTRAS, FAMILIES, Family, pgc_maps, save_weights
+
+from devkit.tslocal import LocalServer
 
 pytestmark = pytest.mark.server
 
@@ -41,7 +42,7 @@ def family_models() -> dict[str, torch.nn.Module]:
 
 @pytest.fixture(scope="module")
 def family_store(tmp_path_factory, family_models):
-    """One archive per family, built by scripts/archive.py with no --target-layer."""
+    """One archive per family, built by handler/tools/archive.py with no --target-layer."""
     store = tmp_path_factory.mktemp("family_store")
     weights = tmp_path_factory.mktemp("family_weights")
     jobs = []
@@ -49,7 +50,7 @@ def family_store(tmp_path_factory, family_models):
         path = save_weights(family_models[f.key], weights / f"{f.key}.safetensors")
         kwargs = {k: v for k, v in f.kwargs.items() if k != "num_classes"}
         classes = ["--num-classes", str(f.kwargs["num_classes"])] if "num_classes" in f.kwargs else []
-        jobs.append((f.key, [sys.executable, str(ROOT / "scripts" / "archive.py"), "-q", "--export-path", str(store),
+        jobs.append((f.key, [sys.executable, "-m", "handler.tools.archive", "-q", "--export-path", str(store),
                              "--model", f.source, "--model-kwargs", json.dumps(kwargs), "--weights", str(path),
                              "--name", f.key, *classes, *f.archive_args, *EAGER]))
     started = time.monotonic()

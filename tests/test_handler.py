@@ -26,8 +26,9 @@ LABELS = ["circle", "square", "triangle"]
 
 
 def _tinynet():
-    sys.path.insert(0, str(DATA / "tinynet"))
-    from model import TinyNet
+    from support.tinynet import tinynet_class
+
+    TinyNet = tinynet_class()  # noqa: N806
 
     torch.manual_seed(0)
     return TinyNet(num_classes=3).eval()
@@ -260,7 +261,6 @@ def test_a_bad_archive_config_fails_the_load(model_dir):
 # touched; with glibc's defaults a block that large is its own mapping and goes back on free.
 _MALLOC_PROBE = """
 import ctypes, sys
-sys.path.insert(0, sys.argv[1])
 from handler.host import tune_malloc
 ok = tune_malloc(int(sys.argv[2]), int(sys.argv[3]))
 libc = ctypes.CDLL("libc.so.6")
@@ -299,7 +299,7 @@ def _jpeg(image: Image.Image, **save) -> bytes:
 
 
 def _camera(size=(2016, 1008)) -> Image.Image:
-    from camera_photos import camera_pixels
+    from devkit.camera_photos import camera_pixels
 
     return camera_pixels(Image.open(DATA / "chelsea.jpg"), size)
 

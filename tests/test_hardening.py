@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import requests
 from conftest import DEFAULT, ROOT, peak
-from corpus import CAT_CLASSES, Case, bad_cases, good_request, odd_cases
 from PIL import Image
+
+from devkit.corpus import CAT_CLASSES, Case, bad_cases, good_request, odd_cases
 
 pytestmark = pytest.mark.server
 

@@ -1,7 +1,7 @@
 """The nvJPEG routes on a CUDA device: decode and encode, their known traps, and a GPU worker
 answering camera photos as the CPU worker does.
 
-Skipped without a GPU (CI has none): scripts/gpu_check.sh runs them on a lent GPU machine.
+Skipped without a GPU (CI has none): scripts/ops/gpu_check.sh runs them on a lent GPU machine.
 The same logic runs on the CPU, with torchvision's CPU codecs in nvJPEG's place, in
 tests/test_images.py and tests/test_handler.py.
 """

@@ -16,9 +16,10 @@ import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from conftest import DEFAULT, photo
-from corpus import CAT_CLASSES, bad_cases, odd_cases
 from tritonclient.utils import InferenceServerException
-from tslocal import KServeLocal
+
+from devkit.corpus import CAT_CLASSES, bad_cases, odd_cases
+from devkit.tslocal import KServeLocal
 
 pytestmark = pytest.mark.server
 
@@ -202,7 +203,7 @@ def test_sigterm_finishes_the_requests_in_flight(model_store, tmp_path):
     threads = [threading.Thread(target=call) for _ in range(12)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10  # SIGTERM once the requests are in (the server has accepted them)
+    deadline = time.monotonic() + 60  # SIGTERM once the requests are in (the server has accepted them)
     while time.monotonic() < deadline and len(
             [c for c in psutil.Process(srv.proc.pid).connections("inet")
              if c.status == "ESTABLISHED" and c.laddr.port == srv.http_port]) < 12:

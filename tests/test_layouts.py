@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from conftest import run_archiver
-from families import BY_KEY, FAMILIES, Family, pgc_maps
+from support.families import BY_KEY, FAMILIES, Family, pgc_maps
 from torch import nn
 
 from handler.cam import METHODS, CamEngine, compute_cams, normalize_maps
@@ -68,7 +68,7 @@ def test_layout_spec_is_validated():
 
 def test_serve_config_validates_layout_keys():
     config = ServeConfig.from_dict({"layout": "nlc", "prefix_tokens": 2, "grid": [14, 14]})
-    assert (config.layout, config.prefix_tokens, config.grid) == ("nlc", 2, [14, 14])
+    assert (config.target.layout, config.target.prefix_tokens, config.target.grid) == ("nlc", 2, [14, 14])
     for bad, key in (({"layout": "tokens"}, "layout"), ({"prefix_tokens": -1}, "prefix_tokens"),
                      ({"layout": "nchw", "prefix_tokens": 1}, "prefix_tokens"), ({"grid": [7]}, "grid")):
         with pytest.raises(ValueError, match=f"handler config '{key}'"):
@@ -408,7 +408,7 @@ def test_bf16_autocast_on_cpu_every_layout(built, key):
 
 
 def _archive_module():
-    import archive  # scripts/, on sys.path through conftest
+    from handler.tools import archive
 
     return archive
 

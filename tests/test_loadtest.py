@@ -1,4 +1,9 @@
-"""scripts/loadtest.py, briefly, against the test server: the report's fields and values."""
+"""scripts/load/loadtest.py, briefly, against the test server: the report's fields and values.
+
+Every run here ends by its request count (--max-requests), never by its clock: --duration is only a
+cap. A run bounded by seconds asserts a throughput, which a busy 2-core machine does not promise
+(a 10-second run once reported 0 requests during the full suite: the shared server was still
+computing requests an earlier run had given up on, and the machine was busy)."""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ import time
 import pytest
 import requests
 from conftest import DEFAULT, ROOT
-from loadplots import read_history
 from PIL import Image
+
+from devkit.loadplots import read_history
 
 pytestmark = pytest.mark.server
 
@@ -35,9 +41,9 @@ def _plots_are_embedded(out, names: set[str]) -> None:
 def test_load_script_reports_throughput_latency_errors_and_batches(server, tmp_path):
     out = tmp_path / "report"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.url, "--metrics-url",
-         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "4", "--duration", "6",
-         "--max-requests", "400", "--outputs", "map", "-q", "--out", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url",
+         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "4", "--duration", "120",
+         "--max-requests", "24", "--outputs", "map", "-q", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
@@ -72,16 +78,16 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
                       headers={"Authorization": f"Bearer {server.token}", "Content-Type": "image/jpeg",
                                "cam_classes": "top2"}, timeout=60)
     assert r.status_code == 200 and len(r.json()["cams"]) == 2
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while _maps_served(server) < start + 2 and time.monotonic() < deadline:
         time.sleep(0.3)
     before = _maps_served(server)
     assert before == start + 2  # the counter sees maps
     out = tmp_path / "raw"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.url, "--metrics-url",
-         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "10",
-         "--max-requests", "40", "--outputs", "predictions", "--body", "raw", "-q", "--out", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url",
+         server.metrics_url, "--token", server.token, "--model", DEFAULT, "-u", "2", "--duration", "120",
+         "--max-requests", "12", "--outputs", "predictions", "--body", "raw", "-q", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
@@ -91,7 +97,7 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
 
 
 def test_load_script_refuses_non_loopback_targets(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", "http://10.0.0.1:8080",
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", "http://10.0.0.1:8080",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "only targets loopback" in done.stderr
 
@@ -99,8 +105,9 @@ def test_load_script_refuses_non_loopback_targets(tmp_path):
 def test_bad_requests_show_up_by_status(server, tmp_path):
     out = tmp_path / "bad"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", server.url, "--metrics-url", "",
-         "--token", "wrong-token", "--model", DEFAULT, "-u", "2", "--duration", "3", "-q", "--out", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url", "",
+         "--token", "wrong-token", "--model", DEFAULT, "-u", "2", "--duration", "120", "--max-requests", "10", "-q",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     report = json.loads((out / "report.json").read_text())
@@ -134,7 +141,7 @@ def test_history_gives_each_seconds_requests_and_skips_empty_percentiles(tmp_pat
 
 @pytest.mark.parametrize("rows, said", [("map,bogus", "unknown row(s) bogus"), (",", "(none given)")])
 def test_compare_load_refuses_unknown_rows_before_building_anything(rows, said):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_load.py"), "--rows", rows],
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "compare_load.py"), "--rows", rows],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert said in done.stderr and "choose from predictions, map, overlay, eager, frozen, unfrozen" in done.stderr

@@ -84,8 +84,7 @@ def test_a_missing_package_is_named_with_the_setting_that_installs_it(tmp_path, 
 
 
 def test_the_archiver_refuses_an_unreadable_requirements_file(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import archive
+    from handler.tools import archive
 
     text = archive.requirements_txt("timm:resnet10t")
     assert [line.split("==")[0] for line in text.splitlines()] == [

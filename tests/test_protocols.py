@@ -16,9 +16,10 @@ import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from conftest import DEFAULT, ROOT, photo, run_archiver
-from grpc_client import ClientError, connect, infer_v2, load_stubs, predict
 from tritonclient.utils import InferenceServerException
-from tslocal import LocalServer, free_port
+
+from devkit.tslocal import LocalServer, free_port
+from handler.tools.grpc_client import ClientError, connect, infer_v2, load_stubs, predict
 
 pytestmark = pytest.mark.server
 
@@ -136,7 +137,7 @@ def test_bad_input_over_grpc_gets_the_http_error_json_and_the_worker_keeps_servi
 
 
 def _client(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "grpc_client.py"), *args],
+    return subprocess.run([sys.executable, "-m", "handler.tools.grpc_client", *args],
                           capture_output=True, text=True, timeout=120)
 
 

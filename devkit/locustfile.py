@@ -1,0 +1,64 @@
+"""Locust scenario for the Grad-CAM endpoint; driven by scripts/load/loadtest.py (settings in env vars).
+
+GRADCAM_MODEL      model name                         (efficientnet_lite0)
+GRADCAM_TOKEN      inference token                    (required with token authorization)
+GRADCAM_IMAGES     comma list of image files
+GRADCAM_OUTPUTS    predictions | map | overlay | stock  (predictions = no CAM; stock = image only)
+GRADCAM_ROUTE      predictions | explanations
+GRADCAM_MAX        stop after this many requests      (0 = no limit)
+GRADCAM_BODY       multipart | raw                    (raw: the image is the body, options are headers)
+"""
+
+from __future__ import annotations
+
+import itertools
+import mimetypes
+import os
+import threading
+from pathlib import Path
+
+from locust import HttpUser, constant, task
+
+_FIELDS = {
+    "predictions": {"cam_classes": "none"},
+    "map": {"cam_classes": "top1", "outputs": "map"},
+    "overlay": {"cam_classes": "top1", "outputs": "map,overlay"},
+    "stock": {},  # TorchServe's stock handlers take the image alone
+}
+_MODEL = os.environ.get("GRADCAM_MODEL", "efficientnet_lite0")
+_OUTPUTS = os.environ.get("GRADCAM_OUTPUTS", "map")
+_ROUTE = os.environ.get("GRADCAM_ROUTE", "predictions")
+_HEADERS = {"Authorization": f"Bearer {os.environ['GRADCAM_TOKEN']}"} if os.environ.get("GRADCAM_TOKEN") else {}
+_IMAGES = [(Path(p).name, Path(p).read_bytes()) for p in os.environ["GRADCAM_IMAGES"].split(",")]
+_RAW = os.environ.get("GRADCAM_BODY", "multipart") == "raw"
+_MAX = int(os.environ.get("GRADCAM_MAX", "0"))
+_cycle = itertools.cycle(_IMAGES)
+_count = itertools.count(1)
+_lock = threading.Lock()
+
+
+class GradCamUser(HttpUser):
+    """Sends the photos in turn, as fast as answers come back."""
+
+    wait_time = constant(0)
+
+    @task
+    def predict(self) -> None:
+        with _lock:
+            n = next(_count)
+            name, data = next(_cycle)
+        if _MAX and n > _MAX:
+            self.environment.runner.quit()
+            return
+        if _RAW:  # the image as the body (curl -T), options as headers
+            kwargs = {"data": data, "headers": {**_HEADERS, **_FIELDS[_OUTPUTS],
+                                                "Content-Type": mimetypes.guess_type(name)[0] or "image/jpeg"}}
+        else:  # the stock handlers read 'data' or 'body'
+            field = "data" if _OUTPUTS == "stock" else "image"
+            kwargs = {"files": {field: (name, data)}, "data": _FIELDS[_OUTPUTS], "headers": _HEADERS}
+        with self.client.post(f"/{_ROUTE}/{_MODEL}", name=f"{_ROUTE} {_OUTPUTS}", catch_response=True,
+                              **kwargs) as r:
+            if r.status_code == 200:
+                r.success()
+            else:
+                r.failure(f"status {r.status_code}")

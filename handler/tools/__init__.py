@@ -1,0 +1,1 @@
+"""The user tools: archiver, explain client, gRPC client (console entry points gradcam-*)."""
