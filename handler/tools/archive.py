@@ -48,7 +48,7 @@ examples:
   # which layers can be the target: output shape, layout, grid, gradient, the automatic choice
   gradcam-archive --model timm:vit_small_patch16_224 --list-layers
 
-  # a token model whose layout cannot be told from it: pin the layout (see README, Model families)
+  # a token model whose layout cannot be told from it: pin the layout (see docs/models.md)
   gradcam-archive --model path/to/model.py:MyViT --num-classes 5 --weights myvit.pt \
       --target-layer blocks.5.norm1 --layout nlc --prefix-tokens 1 --grid 14 14 --name myvit
 """

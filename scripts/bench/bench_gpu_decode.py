@@ -19,7 +19,7 @@ scripts/ops/gpu_check.sh runs it on a lent GPU machine.
 With ``--compile-mode default`` or ``reduce-overhead`` the handler part alone runs, on the GPU
 routes, with the served model compiled as an archive with ``--compile on --compile-mode M``
 configures it (every bucket up to the largest of ``--batches`` compiled in ``initialize``): the
-served configuration the README recommends for GPU workers, in process.
+served configuration docs/performance.md recommends for GPU workers, in process.
 
   python scripts/bench/bench_gpu_decode.py --json-out bench_results/gpu/bench_gpu_decode.json
   python scripts/bench/bench_gpu_decode.py --compile-mode reduce-overhead --batches 8

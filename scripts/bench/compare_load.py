@@ -9,8 +9,7 @@ drift hits every row alike:
   - this handler, predictions + low-res Grad-CAM map
   - this handler, predictions + map + overlay JPEG
   - this handler, predictions + map, eager (the archive's compile and channels_last off): what
-    the archiver's speed options (torch.compile, channels-last; section "The compiled serve path"
-    of the README) buy
+    the archiver's speed options (torch.compile, channels-last; docs/performance.md) buy
   - this handler, predictions + map, compiled with freezing the other way round from the default
     archive (compile_freeze on where the archiver chose off, and the reverse): what freezing buys,
     or costs, under load

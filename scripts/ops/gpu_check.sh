@@ -16,7 +16,7 @@
 # Each step has a time budget (seconds; GPU_BUDGET_<STEP> overrides it) and is skipped when the
 # time left (GPU_CHECK_SECONDS, default 540, counted from the start) does not cover its minimum.
 # GPU_CHECK_STEPS picks steps (default "tests decode compile served engine threads autotune"; the
-# first GPU session, 2026-11-27, ran tests, decode and compile: the README has its figures, so the
+# first GPU session, 2026-11-27, ran tests, decode and compile: docs/performance.md has its figures, so the
 # next one may run GPU_CHECK_STEPS="tests served engine threads autotune"). After every step, all logs,
 # tables and JSON are packed into $OUT/gpu_results.tar.gz (the device tool returns at most 8
 # files) beside $OUT/summary.txt; without $OUT they stay in bench_results/gpu/.
