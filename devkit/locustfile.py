@@ -17,7 +17,9 @@ import os
 import threading
 from pathlib import Path
 
+import gevent
 from locust import HttpUser, constant, task
+from locust.exception import StopUser
 
 _FIELDS = {
     "predictions": {"cam_classes": "none"},
@@ -35,6 +37,7 @@ _MAX = int(os.environ.get("GRADCAM_MAX", "0"))
 _cycle = itertools.cycle(_IMAGES)
 _count = itertools.count(1)
 _lock = threading.Lock()
+_quitting = threading.Event()
 
 
 class GradCamUser(HttpUser):
@@ -48,8 +51,12 @@ class GradCamUser(HttpUser):
             n = next(_count)
             name, data = next(_cycle)
         if _MAX and n > _MAX:
-            self.environment.runner.quit()
-            return
+            # The whole run ends, not this user: runner.quit() called from inside a user's own
+            # greenlet left the run going until its --duration; from a greenlet of its own it ends it.
+            if not _quitting.is_set():
+                _quitting.set()
+                gevent.spawn(self.environment.runner.quit)
+            raise StopUser()
         if _RAW:  # the image as the body (curl -T), options as headers
             kwargs = {"data": data, "headers": {**_HEADERS, **_FIELDS[_OUTPUTS],
                                                 "Content-Type": mimetypes.guess_type(name)[0] or "image/jpeg"}}
