@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from handler.vocab import (
     CODEC_DEVICES,
     COMPILE_BATCH_MODES,
+    COMPILE_STARTS,
     INTERPOLATIONS,
     LAYOUTS,
     PRECISIONS,
@@ -153,6 +154,9 @@ class SpeedSection:
         compile_cache_dir: inductor's cache folder (empty: ``~/.cache/gradcam-serve/inductor``).
         compile_freeze: inductor: freeze the backbone below the target layer: ``on``, ``off``,
             or ``auto`` (resolved by the archiver: kept where it is 5% faster).
+        compile_start: ``background`` (the eager model serves from the first second while the
+            compiled one is built and warmed in a thread; batches switch to it once every batch
+            size is compiled) or ``load`` (the worker is ready only once compiled).
         tuning: what the archiver measured when it resolved ``auto`` (informational).
         batched_targets: vmapped gradient pass for several classes per image.
     """
@@ -165,6 +169,7 @@ class SpeedSection:
     compile_batch: str = "buckets"
     compile_cache_dir: str = ""
     compile_freeze: str = "off"
+    compile_start: str = "background"
     tuning: dict = field(default_factory=dict)
     batched_targets: bool = True
 
@@ -176,6 +181,7 @@ class SpeedSection:
                 setattr(self, key, "on" if value else "off")
             _choice(key, getattr(self, key), SWITCHES)
         _choice("compile_batch", self.compile_batch, COMPILE_BATCH_MODES)
+        _choice("compile_start", self.compile_start, COMPILE_STARTS)
         for key in ("compile_backend", "compile_mode", "compile_cache_dir"):
             if not isinstance(getattr(self, key), str):
                 _fail(key, "a string", getattr(self, key))

@@ -12,8 +12,10 @@ predictor (:mod:`handler.kserve_model`). Nothing here imports ``ts`` or ``kserve
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -185,9 +187,7 @@ class Pipeline:
         labels = read_labels(archive.model_dir / config.model.labels) if config.model.labels else None
         if labels is not None and len(labels) != config.model.num_classes:
             raise ValueError(f"{config.model.labels} has {len(labels)} names for {config.model.num_classes} classes")
-        self.engine = CamEngine(
-            model,
-            config.target.target_layer,
+        self._engine_args = dict(
             device=device,
             mean=config.input.mean,
             std=config.input.std,
@@ -199,6 +199,7 @@ class Pipeline:
             prefix_tokens=config.target.prefix_tokens,
             grid=config.target.grid,
         )
+        self.engine = CamEngine(model, config.target.target_layer, **self._engine_args)
         for key in ("channels_last", "compile", "compile_freeze"):
             if getattr(config.speed, key) == "auto":
                 logger.info("%s is 'auto' but was not resolved by the archiver: serving with it off", key)
@@ -214,7 +215,18 @@ class Pipeline:
         self.writer = AnswerWriter(archive.model_name, labels, self.engine, config)
         warm = Image.new("RGB", tuple(reversed(config.input.input_size)), (128, 128, 128))
         self._run([self._job(0, Photo.of(warm), self.defaults)])
-        self.compiled = self._compile(max(1, archive.batch_size), warm) if config.speed.compile == "on" else None
+        # A batch runs on one engine; the switch to the compiled one happens between batches.
+        self._switch = threading.Lock()
+        self.compiled: CompiledPass | None = None
+        self.compiling: threading.Thread | None = None
+        if config.speed.compile == "on":
+            batch = max(1, archive.batch_size)
+            if config.speed.compile_start == "load":
+                self.compiled = self._compile(self.engine, batch, warm)
+            else:
+                self.compiling = threading.Thread(target=self._compile_in_background, args=(batch, warm),
+                                                  name="gradcam-compile", daemon=True)
+                self.compiling.start()
         logger.info(
             "loaded %s (%s) on %s, target layer %s (%s), input %s, %s",
             self.model_name, config.model.source, device, self.engine.target_layer,
@@ -223,15 +235,33 @@ class Pipeline:
 
     # ------------------------------------------------------------------ load
 
-    def _compile(self, batch_size: int, warm: Image.Image) -> CompiledPass | None:
-        """Compile the model and every graph a batch of 1..batch_size needs, now, not on a request.
+    def _compile_in_background(self, batch_size: int, warm: Image.Image) -> None:
+        """Compile a copy of the model in this thread while the eager one serves; then switch."""
+        started = time.perf_counter()
+        try:
+            engine = CamEngine(copy.deepcopy(self.engine.model), self.engine.target_layer, **self._engine_args)
+            compiled = self._compile(engine, batch_size, warm)
+        except Exception:  # the eager model keeps serving
+            logger.exception("compiling in the background failed; serving the eager model")
+            return
+        if compiled is None:
+            return
+        with self._switch:
+            self.engine, self.compiled = engine, compiled
+            self.writer.engine = engine
+        logger.info("switched to the compiled model %.1f s after load; the eager model served until then",
+                    time.perf_counter() - started)
+
+    def _compile(self, engine: CamEngine, batch_size: int, warm: Image.Image) -> CompiledPass | None:
+        """Compile ``engine``'s model and every graph a batch of 1..batch_size needs, now, not on a
+        request.
 
         Returns None (serving eager, after one warning) where compiling fails.
         """
         config = self.config
         started = time.perf_counter()
         try:
-            compiled = CompiledPass(self.engine, batch_size, config.speed.compile_batch, config.speed.compile_backend,
+            compiled = CompiledPass(engine, batch_size, config.speed.compile_batch, config.speed.compile_backend,
                                     config.speed.compile_mode, config.speed.compile_cache_dir,
                                     config.speed.compile_freeze == "on")
         except Exception as exc:  # compiling must never stop a load: serve eager
@@ -240,10 +270,11 @@ class Pipeline:
             return None
         # Vmapped gradients have no batching rule through inductor's backward kernels: one
         # gradient pass per round of classes instead.
-        batched_targets, self.engine.batched_targets = self.engine.batched_targets, False
-        seconds = compiled.warm_up(lambda n: self._run([self._job(i, Photo.of(warm), self.defaults) for i in range(n)]))
+        batched_targets, engine.batched_targets = engine.batched_targets, False
+        seconds = compiled.warm_up(
+            lambda n: self._run([self._job(i, Photo.of(warm), self.defaults) for i in range(n)], engine=engine))
         if not compiled.active:
-            self.engine.batched_targets = batched_targets
+            engine.batched_targets = batched_targets
             return None
         logger.info("compiled %s (%s, %s%s) for batch sizes %s in %.1f s (%s); kernel cache %s", config.model.source,
                     config.speed.compile_backend, config.speed.compile_mode or "default mode",
@@ -291,10 +322,12 @@ class Pipeline:
         self._decode_displays(jobs)
         stats = BatchStats(size, decode_ms=(time.perf_counter() - started) * 1e3)
         if jobs:
-            for job, body in zip(jobs, self._guarded_run(jobs, stats)):
+            with self._switch:
+                bodies = self._guarded_run(jobs, stats)
+                if self.compiled is not None:
+                    self.compiled.check(len(jobs))
+            for job, body in zip(jobs, bodies):
                 answers[job.idx] = self._answer(job.idx, body, size)
-            if self.compiled is not None:
-                self.compiled.check(len(jobs))
         logger.debug("batch of %d: decode %.1f ms, pass %.1f ms, render %.1f ms",
                      size, stats.decode_ms, stats.pass_ms, stats.render_ms)
         if self.metrics is not None:
@@ -362,10 +395,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the batch
 
-    def _run(self, jobs: list[Job], stats: BatchStats | None = None) -> list[dict]:
-        """One forward and gradient pass for the jobs of a batch; their JSON bodies, in order."""
+    def _run(self, jobs: list[Job], stats: BatchStats | None = None, engine: CamEngine | None = None) -> list[dict]:
+        """One forward and gradient pass for the jobs of a batch (on ``engine``, by default the
+        serving one); their JSON bodies, in order."""
         started = time.perf_counter()
-        engine = self.engine
+        engine = engine or self.engine
         pixels, boxes = model_batch([job.photo for job in jobs], self.layout, engine.device)
         cam_pass = engine.forward(engine.prepare(pixels))
         probs = cam_pass.logits.detach().float().softmax(dim=1)

@@ -17,6 +17,7 @@ __all__ = [
     "INTERPOLATIONS",
     "CODEC_DEVICES",
     "COMPILE_BATCH_MODES",
+    "COMPILE_STARTS",
 ]
 
 #: CAM methods a request may ask for (``cam_method``); the engine has one unit per name.
@@ -41,3 +42,6 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 CODEC_DEVICES = ("auto", "cpu", "cuda")
 #: How a compiled model meets batch sizes: padded to buckets, or a dynamic batch dimension.
 COMPILE_BATCH_MODES = ("buckets", "dynamic")
+#: When a compiled archive compiles: in the background while the eager model serves (ready at
+#: once), or at load (ready once compiled).
+COMPILE_STARTS = ("background", "load")

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -178,7 +179,7 @@ def test_compiled_maps_of_token_and_channels_last_layouts_equal_eager(key):
 
 def _compiled_handler(model_dir, caplog, gpu: int | None = None, **handler):  # noqa: F811
     with caplog.at_level(logging.INFO):
-        return _handler(model_dir, gpu, compile="on", **handler)
+        return _handler(model_dir, gpu, compile="on", compile_start="load", **handler)
 
 
 def _answers_as_eager_in_batches_of_1_to_4(eager, compiled) -> None:
@@ -242,8 +243,8 @@ def test_a_restarted_frozen_worker_finds_every_graph_in_inductors_cache(model_di
         "from test_handler import _batch, _handler, _png\n"
         "from torch._dynamo.utils import counters\n"
         "folder = Path(sys.argv[1])\n"
-        "compiled = _handler(folder, compile='on', compile_freeze='on', compile_batch='dynamic',\n"
-        f"                   compile_cache_dir={str(tmp_path / 'inductor')!r})\n"
+        "compiled = _handler(folder, compile='on', compile_start='load', compile_freeze='on',\n"
+        f"                   compile_batch='dynamic', compile_cache_dir={str(tmp_path / 'inductor')!r})\n"
         "items = [{'body': _png()}, {'body': _png((60, 90))}]\n"
         "answers = [_batch(*h, items)[1] for h in (compiled, _handler(folder))]\n"
         "print(json.dumps({'counters': dict(counters['inductor']), 'compiled': answers[0], 'eager': answers[1]}))\n")
@@ -270,14 +271,15 @@ def test_a_restarted_frozen_worker_finds_every_graph_in_inductors_cache(model_di
     assert runs[0]["eager"] != runs[1]["eager"]  # other weights, other answers: the check is not vacuous
 
 
-def test_a_worker_that_cannot_compile_serves_eager_after_one_warning(model_dir, tmp_path, caplog,  # noqa: F811
-                                                                     monkeypatch):
+def test_a_worker_that_cannot_compile_serves_eager_after_one_warning(model_dir, tmp_path, caplog):  # noqa: F811
     # No C++ compiler for inductor's CPU kernels, and an empty cache: compiling must fail.
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
+    # The config's own patch, not monkeypatch: monkeypatch's undo deletes the key from inductor's
+    # config proxy, and every later compile in the process fails ("cpp.cxx does not exist").
     torch._dynamo.reset()
-    service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "empty-cache"))
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-compiler"))}):
+        service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "empty-cache"))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "torch.compile failed" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
     assert service.pipeline.compiled is None
@@ -306,7 +308,7 @@ def test_a_compiled_archive_serves_the_same_answers_on_a_real_server(server, wei
 
     store = tmp_path / "store"
     run_archiver("-q", "--export-path", str(store), "--name", "tinynet_compiled", "--compile", "on",
-                 "--channels-last", "on", "--compile-cache-dir", str(tmp_path / "inductor"),
+                 "--compile-start", "load", "--channels-last", "on", "--compile-cache-dir", str(tmp_path / "inductor"),
                  "--model", f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3",
                  "--weights", str(weights["tinynet"]), "--labels", str(DATA / "tinynet" / "index_to_name.json"),
                  "--input-size", "64", check=True)
@@ -429,3 +431,38 @@ def test_a_gpu_worker_with_cuda_graphs_answers_as_the_eager_gpu_worker(model_dir
         _answers_as_eager_in_batches_of_1_to_4(eager, (service, context))
     assert counters["stats"]["unique_graphs"] == frames_after_load, "a batch size compiled after load"
     assert "new graph(s) after load" not in caplog.text
+
+
+def test_a_compiled_worker_serves_eager_from_the_first_batch_then_switches_between_batches(
+        model_dir, tmp_path, caplog, monkeypatch):  # noqa: F811
+    """compile_start: background (the default): ready at once; batches answered while the model
+    compiles equal the eager worker's exactly; once every batch size is compiled the next batch
+    runs compiled (same classes, maps within 2e-3); no batch fails on the way. The compile waits
+    for the test's go (graphs cached by earlier tests could otherwise finish before any batch)."""
+    import handler.pipeline
+
+    go = threading.Event()
+
+    class HeldBack(CompiledPass):
+        def warm_up(self, run):
+            assert go.wait(300)
+            return super().warm_up(run)
+
+    monkeypatch.setattr(handler.pipeline, "CompiledPass", HeldBack)
+    eager = _handler(model_dir)
+    with caplog.at_level(logging.INFO):
+        compiled = _handler(model_dir, compile="on", compile_cache_dir=str(tmp_path / "inductor"))
+        pipeline = compiled[0].pipeline
+        assert pipeline.compiling is not None and pipeline.compiled is None
+        items = [{"body": _png()}, {"image": _png((40, 90)), "cam_classes": "top2"}, {"body": b"not an image"}]
+        want = _batch(*eager, items)
+        for _ in range(3):  # the eager engine, while the compiled one waits: the very same answers
+            assert _batch(*compiled, items) == want
+        go.set()
+        while pipeline.compiling.is_alive():  # batches keep coming while it compiles, and at the switch
+            status, _ = _batch(*compiled, items)
+            assert status == want[0]
+        pipeline.compiling.join(600)
+    assert pipeline.compiled is not None and pipeline.compiled.active
+    assert "switched to the compiled model" in caplog.text
+    _answers_as_eager_in_batches_of_1_to_4(eager, compiled)

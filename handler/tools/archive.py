@@ -436,6 +436,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         CAM_METHODS,
         CODEC_DEVICES,
         COMPILE_BATCH_MODES,
+        COMPILE_STARTS,
         INTERPOLATIONS,
         LAYOUTS,
         PRECISIONS,
@@ -535,6 +536,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "constants, batch norms folded; a second copy of the weights in memory, and a "
                            "restarted worker takes about 10 s longer: it traces and freezes the backbone again); "
                            "auto keeps it where it is 5%% faster (default: %(default)s)")
+    fast.add_argument("--compile-start", choices=COMPILE_STARTS, default="background",
+                      help="background: a compiled worker is ready at once and serves the eager model while it "
+                           "compiles, then switches between batches; load: ready only once compiled "
+                           "(default: %(default)s)")
     fast.add_argument("--compile-cache-dir", default="",
                       help="inductor's cache folder on the server (default: ~/.cache/gradcam-serve/inductor, "
                            "shared by its workers, so a restarted worker loads its compiled kernels)")
@@ -642,7 +647,7 @@ def run(args: argparse.Namespace) -> int:
             "channels_last": args.channels_last, "compile": args.compile,
             "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
             "compile_batch": args.compile_batch, "compile_cache_dir": args.compile_cache_dir,
-            "compile_freeze": args.compile_freeze,
+            "compile_freeze": args.compile_freeze, "compile_start": args.compile_start,
             "topk": args.topk or min(5, num_classes),
             "cam_classes": args.cam_classes,
             "cam_method": args.cam_method, "outputs": args.outputs, "max_side": args.max_side,

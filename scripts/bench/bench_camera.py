@@ -58,8 +58,11 @@ def archive_at(ref: str, work: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     store = work / "store"
-    subprocess.run([sys.executable, str(tree / "scripts" / "archive.py"), "-q", "--force",
-                    "--export-path", str(store)], check=True)
+    archiver = next(p for p in (tree / "handler" / "tools" / "archive.py", tree / "scripts" / "archive.py")
+                    if p.exists())  # where that revision keeps it
+    module = ["-m", "handler.tools.archive"] if archiver.parent.name == "tools" else [str(archiver)]
+    subprocess.run([sys.executable, *module, "-q", "--force", "--export-path", str(store)], check=True,
+                   cwd=tree)
     return store / f"{MODEL}.mar"
 
 

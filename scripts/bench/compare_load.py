@@ -133,7 +133,7 @@ def build_stock_archive(ours: Path, store: Path) -> Path:
     (work / "tmp").mkdir()
     tool = Path(sys.executable).parent / "torch-model-archiver"
     subprocess.run([str(tool), "--model-name", "stock_lite0", "--version", "1.0",
-                    "--model-file", str(ROOT / "scripts" / "stock" / "lite0_model.py"),
+                    "--model-file", str(ROOT / "scripts" / "bench" / "stock" / "lite0_model.py"),
                     "--serialized-file", str(work / "lite0.pth"), "--handler", "image_classifier",
                     "--extra-files", str(work / "index_to_name.json"),
                     "--config-file", str(work / "model-config.yaml"), "--export-path", str(store), "--force"],

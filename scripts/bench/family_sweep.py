@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import logging
 import os
@@ -209,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=UserWarning)  # torchvision's GoogLeNet/Inception init notes
     warnings.filterwarnings("ignore", category=FutureWarning)
-    spec = importlib.util.spec_from_file_location("archive", ROOT / "scripts" / "archive.py")
-    archive = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(archive)
+    from handler.tools import archive
 
     cases = [Case(f"torchvision:{n}") for n in torchvision_models(args.torchvision)]
     if args.timm == "yes":
