@@ -326,8 +326,8 @@ def test_a_dropped_connection_and_a_503_are_retried_then_answered(stub, tmp_path
 
 
 
-@pytest.mark.parametrize("script, rest", [("handler.tools.explain", ["x.jpg"]), ("handler.tools.grpc_client", ["x.jpg"]),
-                                          ("devkit.loadtest", [])])
+@pytest.mark.parametrize("script, rest", [("handler.tools.explain", ["x.jpg"]),
+                                          ("handler.tools.grpc_client", ["x.jpg"]), ("devkit.loadtest", [])])
 def test_a_token_that_starts_with_a_dash_is_taken_as_the_token(script, rest):
     """TorchServe's keys are URL-safe base64: one in 64 starts with '-' (seen in a full run as
     'argument --token: expected one argument' from the README's gRPC command)."""
