@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=30, help="seconds per server per round (default 30)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
     p.add_argument("-u", "--users", type=int, default=16, help="concurrent clients (default 16)")
+    p.add_argument("--settle", type=float, default=0,
+                   help="seconds to wait after both servers are ready, before measuring: a compiled archive "
+                        "compiles in the background after it is ready (default 0)")
     p.add_argument("--json-out", type=Path, default=ROOT / "bench_results" / "compare_servers.json")
     args = p.parse_args(argv)
     archive = (args.archive or default_mar()).resolve()
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         ks = KServeLocal(archive, tmp / "ks").start(timeout=900)
         calls = {"torchserve": lambda: _torchserve_call(ts, image), "kserve": lambda: _kserve_call(ks, image)}
         try:
+            if args.settle:
+                print(f"[servers] waiting {args.settle:.0f} s for background compiles", flush=True)
+                time.sleep(args.settle)
             for kind in calls:  # warm both: first requests pay for lazy initialisation
                 load(calls[kind], kind, args.users, 3)
             for rnd in range(args.rounds):
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                       "errors": sum(r["errors"] for r in reports), "sigterm": term[kind]})
     ratio = table[1]["requests_per_s"] / table[0]["requests_per_s"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    summary = {"archive": archive.name, "users": args.users, "duration_s": args.duration, "rounds": args.rounds,
+    summary = {"archive": archive.name, "users": args.users, "settle_s": args.settle, "duration_s": args.duration, "rounds": args.rounds,
                "cpus": os.cpu_count(), "commit": commit.strip(), "kserve_vs_torchserve": round(ratio, 3),
                "table": table, "runs": runs}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
