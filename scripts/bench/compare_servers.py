@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                       "errors": sum(r["errors"] for r in reports), "sigterm": term[kind]})
     ratio = table[1]["requests_per_s"] / table[0]["requests_per_s"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    summary = {"archive": archive.name, "users": args.users, "settle_s": args.settle, "duration_s": args.duration, "rounds": args.rounds,
+    summary = {"archive": archive.name, "users": args.users, "settle_s": args.settle, "duration_s": args.duration,
+               "rounds": args.rounds,
                "cpus": os.cpu_count(), "commit": commit.strip(), "kserve_vs_torchserve": round(ratio, 3),
                "table": table, "runs": runs}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
