@@ -51,9 +51,10 @@ class GradCamUser(HttpUser):
             n = next(_count)
             name, data = next(_cycle)
         if _MAX and n > _MAX:
-            # The whole run ends, not this user: runner.quit() called from inside a user's own
-            # greenlet left the run going until its --duration; from a greenlet of its own it ends it.
-            if not _quitting.is_set():
+            # Each user stops at its next request once the count is reached (its last answer is in);
+            # the last one to stop ends the run. runner.quit() from a user's own greenlet left the run
+            # going until --duration, and quitting at once would cut the other users' requests.
+            if self.environment.runner.user_count <= 1 and not _quitting.is_set():
                 _quitting.set()
                 gevent.spawn(self.environment.runner.quit)
             raise StopUser()
