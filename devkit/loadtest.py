@@ -78,7 +78,8 @@ def batch_counts(metrics_url: str | None, model: str) -> dict[int, float]:
 def run_locust(args, prefix: Path) -> int:
     env = dict(os.environ, GRADCAM_MODEL=args.model, GRADCAM_TOKEN=args.token or "",
                GRADCAM_IMAGES=",".join(str(p) for p in args.images), GRADCAM_OUTPUTS=args.outputs,
-               GRADCAM_ROUTE=args.route, GRADCAM_MAX=str(args.max_requests), GRADCAM_BODY=args.body)
+               GRADCAM_ROUTE=args.route, GRADCAM_MAX=str(args.max_requests), GRADCAM_BODY=args.body,
+               GRADCAM_STATS_JSON=f"{prefix}_final.json")
     cmd = [sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve().parent / "locustfile.py"), "--headless",
            "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.duration}s", "--host", args.url,
            "--csv", str(prefix), "--csv-full-history", "--stop-timeout", "30", "--loglevel", "WARNING"]
@@ -88,6 +89,11 @@ def run_locust(args, prefix: Path) -> int:
 
 
 def read_stats(prefix: Path) -> dict:
+    """The run's totals: the locustfile's own, written at exit; locust's CSV (a once-a-second
+    snapshot that misses the last second's answers) only where that file is missing."""
+    final = Path(f"{prefix}_final.json")
+    if final.exists():
+        return json.loads(final.read_text())
     with open(f"{prefix}_stats.csv", newline="") as f:
         rows = {row["Name"]: row for row in csv.DictReader(f)}
     agg = rows["Aggregated"]

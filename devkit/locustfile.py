@@ -7,18 +7,23 @@ GRADCAM_OUTPUTS    predictions | map | overlay | stock  (predictions = no CAM; s
 GRADCAM_ROUTE      predictions | explanations
 GRADCAM_MAX        stop after this many requests      (0 = no limit)
 GRADCAM_BODY       multipart | raw                    (raw: the image is the body, options are headers)
+GRADCAM_STATS_JSON where the final totals go at exit   (locust's own CSV is a snapshot taken once a
+                   second and not at exit: a short run, or one whose answers came in its last
+                   second, read 0 requests there)
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import mimetypes
 import os
+import re
 import threading
 from pathlib import Path
 
 import gevent
-from locust import HttpUser, constant, task
+from locust import HttpUser, constant, events, task
 from locust.exception import StopUser
 
 _FIELDS = {
@@ -38,6 +43,33 @@ _cycle = itertools.cycle(_IMAGES)
 _count = itertools.count(1)
 _lock = threading.Lock()
 _quitting = threading.Event()
+
+
+@events.quitting.add_listener
+def _final_stats(environment, **_) -> None:
+    """The run's final totals, written when locust quits (after the last answer)."""
+    path = os.environ.get("GRADCAM_STATS_JSON")
+    if not path:
+        return
+    total = environment.stats.total
+    errors: dict[str, int] = {}
+    for error in environment.stats.errors.values():
+        found = re.search(r"status (\d+)", str(error.error))  # CatchResponseError('status 400')
+        key = found.group(1) if found else str(error.error)
+        errors[key] = errors.get(key, 0) + error.occurrences
+
+    def pct(p: float) -> float:
+        return float(total.get_response_time_percentile(p) or 0) if total.num_requests else 0.0
+
+    stats = {
+        "requests": total.num_requests, "failures": total.num_failures,
+        "requests_per_s": round(total.total_rps, 2),
+        "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+                       "max": round(float(total.max_response_time or 0), 1),
+                       "mean": round(float(total.avg_response_time or 0), 1)},
+        "errors_by_status": errors,
+    }
+    Path(path).write_text(json.dumps(stats))
 
 
 class GradCamUser(HttpUser):
