@@ -79,7 +79,7 @@ def run_locust(args, prefix: Path) -> int:
     env = dict(os.environ, GRADCAM_MODEL=args.model, GRADCAM_TOKEN=args.token or "",
                GRADCAM_IMAGES=",".join(str(p) for p in args.images), GRADCAM_OUTPUTS=args.outputs,
                GRADCAM_ROUTE=args.route, GRADCAM_MAX=str(args.max_requests), GRADCAM_BODY=args.body,
-               GRADCAM_STATS_JSON=f"{prefix}_final.json")
+               GRADCAM_STATS_JSON=f"{prefix}_final.json", GRADCAM_HISTORY_CSV=f"{prefix}_final_history.csv")
     cmd = [sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve().parent / "locustfile.py"), "--headless",
            "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.duration}s", "--host", args.url,
            "--csv", str(prefix), "--csv-full-history", "--stop-timeout", "30", "--loglevel", "WARNING"]
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         from devkit.loadplots import write_plots
 
-        report["plots"] = write_plots(report, out / "locust_stats_history.csv", out)
+        history = out / "locust_final_history.csv"
+        report["plots"] = write_plots(report, history if history.exists() else out / "locust_stats_history.csv", out)
     except ImportError as exc:  # matplotlib comes with the test extras (scripts/ops/bootstrap.sh test)
         print(f"[load] no plots: {exc}", file=sys.stderr)
         report["plots"] = {}

@@ -7,6 +7,7 @@ GRADCAM_OUTPUTS    predictions | map | overlay | stock  (predictions = no CAM; s
 GRADCAM_ROUTE      predictions | explanations
 GRADCAM_MAX        stop after this many requests      (0 = no limit)
 GRADCAM_BODY       multipart | raw                    (raw: the image is the body, options are headers)
+GRADCAM_HISTORY_CSV where the per-second history goes at exit (locust's own is the same snapshot)
 GRADCAM_STATS_JSON where the final totals go at exit   (locust's own CSV is a snapshot taken once a
                    second and not at exit: a short run, or one whose answers came in its last
                    second, read 0 requests there)
@@ -14,12 +15,15 @@ GRADCAM_STATS_JSON where the final totals go at exit   (locust's own CSV is a sn
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
+import math
 import mimetypes
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 import gevent
@@ -43,6 +47,38 @@ _cycle = itertools.cycle(_IMAGES)
 _count = itertools.count(1)
 _lock = threading.Lock()
 _quitting = threading.Event()
+
+
+_answers: list[tuple[float, float, bool, int]] = []  # (finished at, response ms, failed, users running)
+
+
+@events.request.add_listener
+def _record(response_time=0.0, exception=None, **_) -> None:
+    runner = getattr(_record, "runner", None)
+    _answers.append((time.time(), float(response_time or 0), exception is not None,
+                     runner.user_count if runner is not None else 0))
+
+
+@events.init.add_listener
+def _on_init(environment, **_) -> None:
+    _record.runner = environment.runner
+    _record.started = time.time()
+
+
+def _write_history(path: str) -> None:
+    """Per-second rows in locust's history format (Aggregated only), from every answer recorded."""
+    started = int(getattr(_record, "started", _answers[0][0] if _answers else time.time()))
+    end = max([started + 1, *(math.ceil(t) for t, *_ in _answers)])
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["Timestamp", "User Count", "Type", "Name", "50%", "90%", "99%", "Total Request Count",
+                      "Total Failure Count"])
+        for second in range(started, end + 1):
+            upto = [a for a in _answers if a[0] <= second]
+            window = sorted(ms for t, ms, _, _ in upto if second - 1 < t)
+            pct = [window[min(len(window) - 1, int(q * len(window)))] if window else "N/A" for q in (0.5, 0.9, 0.99)]
+            users = max([u for t, _, _, u in upto if second - 1 < t] or [0])
+            out.writerow([second, users, "", "Aggregated", *pct, len(upto), sum(1 for a in upto if a[2])])
 
 
 @events.quitting.add_listener
@@ -70,6 +106,8 @@ def _final_stats(environment, **_) -> None:
         "errors_by_status": errors,
     }
     Path(path).write_text(json.dumps(stats))
+    if os.environ.get("GRADCAM_HISTORY_CSV"):
+        _write_history(os.environ["GRADCAM_HISTORY_CSV"])
 
 
 class GradCamUser(HttpUser):

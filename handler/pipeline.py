@@ -221,7 +221,12 @@ class Pipeline:
         self.compiling: threading.Thread | None = None
         if config.speed.compile == "on":
             batch = max(1, archive.batch_size)
-            if config.speed.compile_start == "load":
+            # CUDA graphs are recorded per thread (cudagraph trees): graphs recorded by a compile
+            # thread would be recorded again by the serving one, so that mode compiles at load.
+            graphs = device.type == "cuda" and "reduce-overhead" in config.speed.compile_mode
+            if graphs and config.speed.compile_start == "background":
+                logger.info("compile_mode reduce-overhead on %s: compiling at load, not in the background", device)
+            if config.speed.compile_start == "load" or graphs:
                 self.compiled = self._compile(self.engine, batch, warm)
             else:
                 self.compiling = threading.Thread(target=self._compile_in_background, args=(batch, warm),
