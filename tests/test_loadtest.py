@@ -1,9 +1,8 @@
 """scripts/load/loadtest.py, briefly, against the test server: the report's fields and values.
 
 Every run here ends by its request count (--max-requests), never by its clock: --duration is only a
-cap. A run bounded by seconds asserts a throughput, which a busy 2-core machine does not promise
-(a 10-second run once reported 0 requests during the full suite: the shared server was still
-computing requests an earlier run had given up on, and the machine was busy)."""
+cap. The totals come from the locustfile at exit, not from locust's CSV, a once-a-second snapshot
+that is not rewritten at exit (a run whose answers came in its last second read 0 requests there)."""
 
 from __future__ import annotations
 
