@@ -21,20 +21,19 @@ import tempfile
 from pathlib import Path
 
 from handler.errors import HandlerError, InvalidInput, error_body
+from handler.metrics import METRICS, MetricsEmitter
 
 __all__ = ["PrometheusMetrics", "main"]
 
 logger = logging.getLogger("handler.kserve_server")
 
 
-class PrometheusMetrics:
+class PrometheusMetrics(MetricsEmitter):
     """The handler's metrics (:data:`handler.metrics.METRICS`, the names TorchServe exports) in
     prometheus_client's default registry, which kserve's ``/metrics`` serves."""
 
     def __init__(self, model_name: str) -> None:
         from prometheus_client import Counter, Gauge
-
-        from handler.metrics import METRICS
 
         self.model_name = model_name
         self.metrics = {}
@@ -48,18 +47,6 @@ class PrometheusMetrics:
             metric.inc(value)
         else:
             metric.set(value)
-
-    def batch(self, size: int, decode_ms: float, pass_ms: float, render_ms: float, maps: int) -> None:
-        self._emit("GradcamBatchSize", size)
-        self._emit("GradcamDecodeTime", decode_ms)
-        self._emit("GradcamPassTime", pass_ms)
-        self._emit("GradcamRenderTime", render_ms)
-        self._emit("GradcamBatches", 1, (str(size),))
-        if maps:
-            self._emit("GradcamMaps", maps)
-
-    def rejected(self, reason: str) -> None:
-        self._emit("GradcamRejected", 1, (reason,))
 
 
 _NUMERIC = {"BOOL": "?", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "i1",

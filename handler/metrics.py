@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-__all__ = ["METRICS", "MetricSpec", "HandlerMetrics"]
+__all__ = ["METRICS", "MetricSpec", "MetricsEmitter", "HandlerMetrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,31 @@ METRICS = (
 )
 
 
-class HandlerMetrics:
-    """Per-batch and per-rejection metrics, each one present only if it could be made.
+class MetricsEmitter:
+    """What each batch and each rejection records, by the names of :data:`METRICS`; a server's
+    metrics backend supplies ``_emit``."""
+
+    def _emit(self, name: str, value: float, extra: tuple[str, ...] = ()) -> None:
+        raise NotImplementedError
+
+    def batch(self, size: int, decode_ms: float, pass_ms: float, render_ms: float, maps: int) -> None:
+        """One batch: its size, stage times and number of maps."""
+        self._emit("GradcamBatchSize", size)
+        self._emit("GradcamDecodeTime", decode_ms)
+        self._emit("GradcamPassTime", pass_ms)
+        self._emit("GradcamRenderTime", render_ms)
+        self._emit("GradcamBatches", 1, (str(size),))
+        if maps:
+            self._emit("GradcamMaps", maps)
+
+    def rejected(self, reason: str) -> None:
+        """One request answered with an error of kind ``reason``."""
+        self._emit("GradcamRejected", 1, (reason,))
+
+
+class HandlerMetrics(MetricsEmitter):
+    """Per-batch and per-rejection metrics in TorchServe's metric cache, each one present only if it
+    could be made.
 
     Args:
         cache: the worker's metric cache (``context.metrics``).
@@ -89,17 +112,3 @@ class HandlerMetrics:
         except Exception as exc:  # TorchServe's own metric code failed
             self.metrics.pop(name)
             logger.warning("metric %s dropped after an error: %s: %s", name, type(exc).__name__, exc)
-
-    def batch(self, size: int, decode_ms: float, pass_ms: float, render_ms: float, maps: int) -> None:
-        """One batch: its size, stage times and number of maps."""
-        self._emit("GradcamBatchSize", size)
-        self._emit("GradcamDecodeTime", decode_ms)
-        self._emit("GradcamPassTime", pass_ms)
-        self._emit("GradcamRenderTime", render_ms)
-        self._emit("GradcamBatches", 1, (str(size),))
-        if maps:
-            self._emit("GradcamMaps", maps)
-
-    def rejected(self, reason: str) -> None:
-        """One request answered with an error of kind ``reason``."""
-        self._emit("GradcamRejected", 1, (reason,))
