@@ -15,9 +15,20 @@ from handler.options import unknown_option
 from handler.requests import RawRequest, decode_base64, load_json
 from handler.vocab import OPTION_NAMES
 
-__all__ = ["extract_request", "request_from_json"]
+__all__ = ["extract_request", "header_options", "request_from_json"]
 
 _IMAGE_FIELDS = ("image", "file", "data")
+
+
+def header_options(headers: dict | None) -> dict[str, object]:
+    """The options a request carries as headers (names matched case-insensitively, other headers
+    ignored), as either server hands its headers over."""
+    options: dict[str, object] = {}
+    for name, value in (headers or {}).items():
+        if str(name).lower() in OPTION_NAMES:
+            value = value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
+            options[str(name).lower()] = value.strip()
+    return options
 
 
 def request_from_json(doc: object, options: dict[str, object], source: str = "json") -> RawRequest:
@@ -95,13 +106,11 @@ def extract_request(item: dict, headers: dict[str, str]) -> RawRequest:
             ``v2_reply`` set).
         InvalidOption: an unknown option name in the JSON body or the form.
     """
-    options: dict[str, object] = {}
+    options = header_options(headers)
     content_type = binary_header = ""
     for name, value in (headers or {}).items():
         value = value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
-        if str(name).lower() in OPTION_NAMES:
-            options[str(name).lower()] = value.strip()
-        elif str(name).lower() == "content-type":
+        if str(name).lower() == "content-type":
             content_type = value.lower()
         elif str(name).lower() == "inference-header-content-length":
             binary_header = value.strip()

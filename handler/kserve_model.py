@@ -24,7 +24,7 @@ import kserve
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, to_http_parameters
 
 from handler.batcher import Batcher
-from handler.codec import request_from_json
+from handler.codec import header_options, request_from_json
 from handler.errors import HandlerError, InvalidInput, PayloadTooLarge
 from handler.oip import parse_v2, v2_response
 from handler.pipeline import Answer, Archive, Pipeline
@@ -128,7 +128,7 @@ class GradCamModel(kserve.Model):
         return await self._v1(payload, headers or {}, response_headers)
 
     async def _v2(self, request: InferRequest, headers: dict[str, str]):
-        options = _header_options(headers)
+        options = header_options(headers)
         try:
             raw: RawRequest | HandlerError = parse_v2(_infer_doc(request), options)
             reply = raw.reply
@@ -162,7 +162,7 @@ class GradCamModel(kserve.Model):
             error = PayloadTooLarge(f"{len(instances)} instances in one request; at most {self.archive.batch_size}",
                                  "instances")
             raise Rejected(413, self.pipeline.reject(error).text)
-        options = _header_options(headers)
+        options = header_options(headers)
         requests = []
         for instance in instances:
             try:
@@ -177,12 +177,6 @@ class GradCamModel(kserve.Model):
         if response_headers is not None:
             response_headers["content-type"] = "application/json"
         return text.encode()
-
-
-def _header_options(headers: dict[str, str]) -> dict[str, object]:
-    """Options sent as request headers, as on TorchServe."""
-    return {str(k).lower(): v.strip() for k, v in headers.items()
-            if str(k).lower() in OPTION_NAMES and isinstance(v, str)}
 
 
 def load_model(path: str | Path, workdir: str | Path, name: str | None = None, device: str = "cpu",

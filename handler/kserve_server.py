@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from prometheus_client import Counter, Gauge
+
 from handler.errors import HandlerError, InvalidInput, error_body
 from handler.metrics import METRICS, MetricsEmitter
 
@@ -33,17 +35,13 @@ class PrometheusMetrics(MetricsEmitter):
     prometheus_client's default registry, which kserve's ``/metrics`` serves."""
 
     def __init__(self, model_name: str) -> None:
-        from prometheus_client import Counter, Gauge
-
         self.model_name = model_name
-        self.metrics = {}
-        for spec in METRICS:
-            kind = Gauge if spec.kind == "gauge" else Counter
-            self.metrics[spec.name] = kind(spec.name, f"{spec.name} ({spec.unit})", list(spec.dimensions))
+        self.metrics = {spec.name: (Gauge if spec.kind == "gauge" else Counter)(
+            spec.name, f"{spec.name} ({spec.unit})", list(spec.dimensions)) for spec in METRICS}
 
     def _emit(self, name: str, value: float, extra: tuple[str, ...] = ()) -> None:
         metric = self.metrics[name].labels(self.model_name, "Model", *extra)
-        if hasattr(metric, "inc") and not hasattr(metric, "set"):
+        if isinstance(metric, Counter):
             metric.inc(value)
         else:
             metric.set(value)
