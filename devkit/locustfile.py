@@ -47,6 +47,7 @@ _cycle = itertools.cycle(_IMAGES)
 _count = itertools.count(1)
 _lock = threading.Lock()
 _quitting = threading.Event()
+_active = [0]  # users started and not yet stopped by --max-requests; guarded by _lock
 
 
 _answers: list[tuple[float, float, bool, int]] = []  # (finished at, response ms, failed, users running)
@@ -104,6 +105,8 @@ def _final_stats(environment, **_) -> None:
                        "max": round(float(total.max_response_time or 0), 1),
                        "mean": round(float(total.avg_response_time or 0), 1)},
         "errors_by_status": errors,
+        # what ended the run: the last user past --max-requests, or locust's --duration timer
+        "ended_by": "max-requests" if _quitting.is_set() else "duration",
     }
     Path(path).write_text(json.dumps(stats))
     if os.environ.get("GRADCAM_HISTORY_CSV"):
@@ -115,16 +118,27 @@ class GradCamUser(HttpUser):
 
     wait_time = constant(0)
 
+    def on_start(self) -> None:
+        with _lock:
+            _active[0] += 1
+
     @task
     def predict(self) -> None:
         with _lock:
             n = next(_count)
             name, data = next(_cycle)
+            last = False
+            if _MAX and n > _MAX:
+                _active[0] -= 1
+                last = _active[0] == 0
         if _MAX and n > _MAX:
             # Each user stops at its next request once the count is reached (its last answer is in);
-            # the last one to stop ends the run. runner.quit() from a user's own greenlet left the run
-            # going until --duration, and quitting at once would cut the other users' requests.
-            if self.environment.runner.user_count <= 1 and not _quitting.is_set():
+            # the last one to stop ends the run. Our own count decides which is last: locust's
+            # runner.user_count lags a StopUser, so two users stopping together each saw the other
+            # still running and neither quit, leaving the run going until --duration (the cause of
+            # a 120 s load test). runner.quit() from a user's own greenlet also left the run going,
+            # hence the spawn; quitting at the first stop would cut the other users' requests.
+            if last and not _quitting.is_set():
                 _quitting.set()
                 gevent.spawn(self.environment.runner.quit)
             raise StopUser()

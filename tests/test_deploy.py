@@ -793,7 +793,7 @@ def test_failover_brief_run(tmp_path):
     subprocess.run([sys.executable, "-m", "handler.tools.archive", "-q", "--export-path", str(tmp_path),
                     *EAGER], check=True)
     out = tmp_path / "failover.json"
-    rc = failover.main(["--mar", str(tmp_path / "efficientnet_lite0.mar"), "--duration", "20", "--kill-after", "5",
+    rc = failover.main(["--mar", str(tmp_path / "efficientnet_lite0.mar"), "--duration", "8", "--kill-after", "3",
                         "--concurrency", "4", "--settle", "2", "--probe-period", "2", "--json-out", str(out)])
     report = json.loads(out.read_text())
     assert rc == 0, report

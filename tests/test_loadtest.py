@@ -48,6 +48,9 @@ def test_load_script_reports_throughput_latency_errors_and_batches(server, tmp_p
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == DEFAULT and report["users"] == 4 and report["outputs"] == "map"
     assert report["requests"] > 4 and report["failures"] == 0 and report["errors_by_status"] == {}
+    # the last user past --max-requests ended it, not the 120 s timer (users stopping together once
+    # left the run going until --duration)
+    assert report["ended_by"] == "max-requests" and report["requests"] == 24
     assert report["requests_per_s"] > 0
     lat = report["latency_ms"]
     # locust rounds percentiles to its buckets (10 ms, 100 ms past 1 s); the max is exact
@@ -90,7 +93,8 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["body"] == "raw" and report["requests"] > 2 and report["failures"] == 0
+    assert report["body"] == "raw" and report["requests"] == 12 and report["failures"] == 0
+    assert report["ended_by"] == "max-requests"
     time.sleep(2)  # metrics of the last requests arrive
     assert _maps_served(server) == before  # the header's cam_classes=none was honoured
 
