@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from handler.images import ImageSource, Photo
 from handler.options import Options
-from handler.vocab import QUALITY_KEYS
 from handler.render import grid_values, jpeg_base64, png_base64
+from handler.vocab import QUALITY_KEYS
 
 __all__ = ["AnswerWriter", "Job", "frame_size"]
 

@@ -178,7 +178,8 @@ class QualityScorer:
         top = flat.topk(max(sizes), dim=1).indices
         take = torch.ones_like(top, dtype=torch.bool)
         if len(set(sizes)) > 1:
-            take = torch.arange(top.shape[1], device=maps.device)[None] < torch.tensor(sizes, device=maps.device)[:, None]
+            wanted = torch.tensor(sizes, device=maps.device)[:, None]
+            take = torch.arange(top.shape[1], device=maps.device)[None] < wanted
         region = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, take).view(count, 1, height, width)
         return region, image, [s / a for s, a in zip(sizes, areas)]
 
