@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from handler.images import ImageSource, Photo
 from handler.options import Options
 from handler.render import grid_values, jpeg_base64, png_base64
+from handler.vocab import QUALITY_KEYS
 
 __all__ = ["AnswerWriter", "Job", "frame_size"]
 
@@ -32,6 +33,13 @@ def frame_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def _quality(values) -> dict:
+    """A map's ``quality`` object from its row of :data:`handler.vocab.QUALITY_KEYS` numbers."""
+    out = {key: round(float(v), 6) for key, v in zip(QUALITY_KEYS, values)}
+    out["increase"] = bool(values[QUALITY_KEYS.index("increase")])
+    return out
+
+
 class AnswerWriter:
     """Writes the answers of one model.
 
@@ -48,7 +56,8 @@ class AnswerWriter:
         self.engine = engine
         self.config = config
 
-    def bodies(self, jobs, boxes, rows, methods, wants, frames, drawn, blended, host, grid) -> list[dict]:
+    def bodies(self, jobs, boxes, rows, methods, wants, frames, drawn, blended, host, grid,
+               scored=()) -> list[dict]:
         """One JSON body per job.
 
         Args:
@@ -59,11 +68,13 @@ class AnswerWriter:
                 targets with a heatmap or overlay, and those with an overlay.
             host: the host arrays (``top_i``, ``top_p``, ``classes``, ``maps``, ``heat``, overlays).
             grid: the low-res map's ``(h, w)``.
+            scored: the targets with a ``quality`` object, in the order of ``host["quality"]``'s rows.
         """
         bodies = []
         first_target = 0
         at_drawn = {p: i for i, p in enumerate(drawn)}
         at_blended = {p: i for i, p in enumerate(blended)}
+        at_scored = {p: i for i, p in enumerate(scored)}
         for j, job in enumerate(jobs):
             topk = job.options.topk
             body = {
@@ -87,6 +98,8 @@ class AnswerWriter:
                     elif "overlay" in wants[p]:
                         cam["overlay"] = jpeg_base64(host["overlay"][at_blended[p], :fh, :fw],
                                                      self.config.render.overlay_quality)
+                if p in at_scored:
+                    cam["quality"] = _quality(host["quality"][at_scored[p]])
                 body["cams"].append(cam)
             first_target += count
             body.update(self._geometry(job, boxes[j], grid))

@@ -23,7 +23,7 @@ from handler.vocab import (
 )
 
 __all__ = ["ServeConfig", "ModelSection", "TargetSection", "InputSection", "SpeedSection", "DefaultsSection",
-           "LimitsSection", "RenderSection", "HostSection"]
+           "LimitsSection", "RenderSection", "HostSection", "QualitySection"]
 
 
 def _fail(key: str, wanted: str, value: object) -> None:
@@ -202,15 +202,19 @@ class DefaultsSection:
         cam_classes: CAM targets: ``top1``, ``topN``, ``none`` or a class list.
         cam_method: CAM method.
         outputs: comma list of ``map``, ``heatmap``, ``overlay``.
+        quality: score each map's faithfulness (:mod:`handler.quality`).
     """
 
     topk: int = 5
     cam_classes: str = "top1"
     cam_method: str = "gradcam"
     outputs: str = "map"
+    quality: bool = False
 
     def validate(self) -> None:
         _posint("topk", self.topk)
+        if not isinstance(self.quality, bool):
+            _fail("quality", "true or false", self.quality)
 
 
 @dataclass
@@ -290,8 +294,30 @@ class HostSection:
             _choice(key, getattr(self, key), CODEC_DEVICES)
 
 
+@dataclass
+class QualitySection:
+    """The faithfulness score of maps (requests with ``quality``; :mod:`handler.quality`).
+
+    Attributes:
+        quality_fraction: the share of the image a map's top region covers, in (0, 1).
+        quality_max_batch: most images (two per map: region kept, region removed) in one call of
+            the model; more are scored in chunks of this size.
+    """
+
+    quality_fraction: float = 0.4
+    quality_max_batch: int = 64
+
+    def validate(self) -> None:
+        value = self.quality_fraction
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            _fail("quality_fraction", "a number between 0 and 1 (exclusive)", value)
+        self.quality_fraction = float(value)
+        _posint("quality_max_batch", self.quality_max_batch)
+
+
 _SECTIONS = {"model": ModelSection, "target": TargetSection, "input": InputSection, "speed": SpeedSection,
-             "defaults": DefaultsSection, "limits": LimitsSection, "render": RenderSection, "host": HostSection}
+             "defaults": DefaultsSection, "limits": LimitsSection, "render": RenderSection, "host": HostSection,
+             "quality": QualitySection}
 _RENAMED = {"model": "source"}  # file key -> field name where they differ
 
 
@@ -315,6 +341,7 @@ class ServeConfig:
     limits: LimitsSection = field(default_factory=LimitsSection)
     render: RenderSection = field(default_factory=RenderSection)
     host: HostSection = field(default_factory=HostSection)
+    quality: QualitySection = field(default_factory=QualitySection)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> ServeConfig:

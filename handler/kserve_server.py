@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from handler.errors import HandlerError, InvalidInput, error_body
 from handler.metrics import METRICS, MetricsEmitter
@@ -36,13 +36,17 @@ class PrometheusMetrics(MetricsEmitter):
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self.metrics = {spec.name: (Gauge if spec.kind == "gauge" else Counter)(
-            spec.name, f"{spec.name} ({spec.unit})", list(spec.dimensions)) for spec in METRICS}
+        # Histograms keep prometheus_client's default buckets: TorchServe's (Java client) are the same.
+        kinds = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}
+        self.metrics = {spec.name: kinds[spec.kind](spec.name, f"{spec.name} ({spec.unit})", list(spec.dimensions))
+                        for spec in METRICS}
 
     def _emit(self, name: str, value: float, extra: tuple[str, ...] = ()) -> None:
         metric = self.metrics[name].labels(self.model_name, "Model", *extra)
         if isinstance(metric, Counter):
             metric.inc(value)
+        elif isinstance(metric, Histogram):
+            metric.observe(value)
         else:
             metric.set(value)
 

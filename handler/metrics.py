@@ -30,7 +30,7 @@ class MetricSpec:
     """One metric as a TorchServe metrics configuration declares it."""
 
     name: str
-    kind: str  # "gauge" or "counter"
+    kind: str  # "gauge", "counter" or "histogram"
     unit: str
     dimensions: tuple[str, ...] = _MODEL_DIMS
 
@@ -44,6 +44,8 @@ METRICS = (
     MetricSpec("GradcamBatches", "counter", "Count", (*_MODEL_DIMS, "BatchSize")),
     MetricSpec("GradcamMaps", "counter", "Count"),
     MetricSpec("GradcamRejected", "counter", "Count", (*_MODEL_DIMS, "Reason")),
+    # Per scored map (quality=true): the confidence lost when only its top region is kept.
+    MetricSpec("GradcamQualityDrop", "histogram", "Fraction", (*_MODEL_DIMS, "Method")),
 )
 
 
@@ -68,6 +70,10 @@ class MetricsEmitter:
         """One request answered with an error of kind ``reason``."""
         self._emit("GradcamRejected", 1, (reason,))
 
+    def quality(self, method: str, drop: float) -> None:
+        """One scored map: its method and kept-region ``drop`` (:mod:`handler.quality`)."""
+        self._emit("GradcamQualityDrop", drop, (method,))
+
 
 class HandlerMetrics(MetricsEmitter):
     """Per-batch and per-rejection metrics in TorchServe's metric cache, each one present only if it
@@ -86,7 +92,7 @@ class HandlerMetrics(MetricsEmitter):
         self.metrics = {}
         added, failed = [], []
         for spec in METRICS:
-            kind = MetricTypes.GAUGE if spec.kind == "gauge" else MetricTypes.COUNTER
+            kind = MetricTypes(spec.kind)
             try:
                 try:
                     metric = cache.get_metric(spec.name, kind)

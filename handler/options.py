@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from handler.errors import InvalidOption
 from handler.limits import RequestLimits
-from handler.vocab import CAM_METHODS, METHOD_ALIASES, OPTION_NAMES, OUTPUT_FORMS
+from handler.vocab import CAM_METHODS, FALSE_WORDS, METHOD_ALIASES, OPTION_NAMES, OUTPUT_FORMS, TRUE_WORDS
 
 __all__ = [
     "CamSelection",
@@ -45,6 +45,7 @@ class Options:
     cam_classes: CamSelection = CamSelection("top", 1)
     cam_method: str = "gradcam"
     outputs: tuple[str, ...] = ("map",)
+    quality: bool = False
 
 
 def _norm(name: str) -> str:
@@ -219,6 +220,19 @@ def _parse_outputs(value: object) -> tuple[str, ...]:
     return tuple(form for form in OUTPUT_FORMS if form in forms)
 
 
+def _parse_bool(value: object, name: str) -> bool:
+    """A boolean from JSON ``true``/``false``, 0/1, or one of the words of :data:`TRUE_WORDS` and
+    :data:`FALSE_WORDS` (multipart fields, headers)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise InvalidOption(f"{name} must be true or false, got {value!r}", name)
+
+
 def parse_options(
     raw: dict[str, object],
     defaults: Options,
@@ -253,6 +267,8 @@ def parse_options(
             values[name] = _parse_cam_classes(value, labels, num_classes, limits)
         elif name == "cam_method":
             values[name] = _parse_cam_method(value)
+        elif name == "quality":
+            values[name] = _parse_bool(value, name)
         else:
             values[name] = _parse_outputs(value)
     return Options(**values)

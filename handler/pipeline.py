@@ -47,6 +47,7 @@ from handler.images import ImageDecoder, InputLayout, Photo, cover_size, open_im
 from handler.limits import RequestLimits
 from handler.models import build_model, load_state_dict_strict, read_labels
 from handler.options import LabelIndex, parse_defaults, parse_options
+from handler.quality import QualityScorer
 from handler.render import DeviceJpegEncoder
 from handler.requests import RawRequest
 from handler.vocab import OPTION_NAMES
@@ -149,6 +150,7 @@ class BatchStats:
     pass_ms: float = 0.0
     render_ms: float = 0.0
     maps: int = 0
+    drops: list[tuple[str, float]] = field(default_factory=list)  # (method, kept-region drop) per scored map
 
 
 class MetricsSink(Protocol):
@@ -157,6 +159,8 @@ class MetricsSink(Protocol):
     def batch(self, size: int, decode_ms: float, pass_ms: float, render_ms: float, maps: int) -> None: ...
 
     def rejected(self, reason: str) -> None: ...
+
+    def quality(self, method: str, drop: float) -> None: ...
 
 
 class Pipeline:
@@ -213,6 +217,8 @@ class Pipeline:
         self.decoder = ImageDecoder(config.host.decode_threads, _decode_route(config, device))
         self.encoder = _overlay_encoder(config, device)
         self.writer = AnswerWriter(archive.model_name, labels, self.engine, config)
+        self.scorer = QualityScorer(config.input.input_size, config.input.std, config.quality.quality_fraction,
+                                    config.quality.quality_max_batch, device)
         warm = Image.new("RGB", tuple(reversed(config.input.input_size)), (128, 128, 128))
         self._run([self._job(0, Photo.of(warm), self.defaults)])
         # A batch runs on one engine; the switch to the compiled one happens between batches.
@@ -337,6 +343,8 @@ class Pipeline:
                      size, stats.decode_ms, stats.pass_ms, stats.render_ms)
         if self.metrics is not None:
             self.metrics.batch(size, stats.decode_ms, stats.pass_ms, stats.render_ms, stats.maps)
+            for method, drop in stats.drops:
+                self.metrics.quality(method, drop)
         return answers
 
     def _guarded_run(self, jobs: list[Job], stats: BatchStats) -> list[dict | HandlerError]:
@@ -406,7 +414,8 @@ class Pipeline:
         started = time.perf_counter()
         engine = engine or self.engine
         pixels, boxes = model_batch([job.photo for job in jobs], self.layout, engine.device)
-        cam_pass = engine.forward(engine.prepare(pixels))
+        x = engine.prepare(pixels)
+        cam_pass = engine.forward(x)
         probs = cam_pass.logits.detach().float().softmax(dim=1)
         k = max(max(j.options.topk for j in jobs), max(j.options.cam_classes.count for j in jobs))
         top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
@@ -419,6 +428,12 @@ class Pipeline:
         drawn = [p for p, w in enumerate(wants) if w & {"heatmap", "overlay"}]
         blended = [p for p in drawn if "overlay" in wants[p]]
         host_in = {"top_p": top_p, "top_i": top_i, "classes": classes_t, "maps": maps}
+        # The faithfulness score: one more forward, without gradients, for every scored map.
+        scored = [p for p, r in enumerate(rows) if jobs[r].options.quality]
+        if scored:
+            pick = device_index(scored, engine.device)
+            host_in["quality"] = self.scorer.score(engine, x, probs, [rows[p] for p in scored], classes_t[pick],
+                                                   maps[pick], boxes)
         frames = [jobs[rows[p]].frame for p in drawn]
         if drawn:
             # Built on the host and copied without waiting: nothing before the one host copy
@@ -438,9 +453,11 @@ class Pipeline:
         host = {k: v.cpu().numpy() for k, v in to_host(host_in).items()}
         host["overlay_offsets"] = offsets
         passed = time.perf_counter()
-        bodies = self.writer.bodies(jobs, boxes, rows, methods, wants, frames, drawn, blended, host, maps.shape[1:])
+        bodies = self.writer.bodies(jobs, boxes, rows, methods, wants, frames, drawn, blended, host, maps.shape[1:],
+                                    scored)
         if stats is not None:
             stats.maps = len(rows)
+            stats.drops = [(methods[p], float(host["quality"][i, 2])) for i, p in enumerate(scored)]
             stats.pass_ms = (passed - started) * 1e3
             stats.render_ms = (time.perf_counter() - passed) * 1e3
         return bodies

@@ -10,6 +10,9 @@ __all__ = [
     "METHOD_ALIASES",
     "OUTPUT_FORMS",
     "OPTION_NAMES",
+    "TRUE_WORDS",
+    "FALSE_WORDS",
+    "QUALITY_KEYS",
     "LAYOUTS",
     "SWITCHES",
     "PRECISIONS",
@@ -27,7 +30,13 @@ METHOD_ALIASES = {"gradcampp": "gradcam++"}
 #: Output forms of a map (``outputs``), in the order a response lists them.
 OUTPUT_FORMS = ("map", "heatmap", "overlay")
 #: Per-request options: multipart fields, JSON keys, headers, v2 parameters or inputs.
-OPTION_NAMES = ("topk", "cam_classes", "cam_method", "outputs")
+OPTION_NAMES = ("topk", "cam_classes", "cam_method", "outputs", "quality")
+#: Spellings of a boolean option (``quality``), case-insensitive.
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+#: The numbers of a map's ``quality`` object (``quality=true``), in the order the engine computes them.
+QUALITY_KEYS = ("confidence", "kept_confidence", "drop", "increase", "removed_confidence", "removed_drop",
+                "fraction")
 
 #: A target layer's output layout (``auto``: detected when the model loads).
 LAYOUTS = ("auto", "nchw", "nhwc", "nlc")

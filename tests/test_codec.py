@@ -55,10 +55,10 @@ def _rejects(raw: dict, field: str, match: str, labels: LabelIndex | None = None
 
 
 def test_public_constants():
-    assert OPTION_NAMES == ("topk", "cam_classes", "cam_method", "outputs")
+    assert OPTION_NAMES == ("topk", "cam_classes", "cam_method", "outputs", "quality")
     assert CAM_METHODS == ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
     assert OUTPUT_FORMS == ("map", "heatmap", "overlay")
-    assert Options() == Options(5, CamSelection("top", 1, ()), "gradcam", ("map",))
+    assert Options() == Options(5, CamSelection("top", 1, ()), "gradcam", ("map",), False)
 
 
 @pytest.mark.parametrize("key", ["body", "data"])

@@ -105,7 +105,7 @@ def test_metadata_health_and_metrics(kserve):
     assert requests.get(f"{kserve.url}/v2/health/live", timeout=5).status_code == 200
     meta = requests.get(f"{kserve.url}/v2/models/{DEFAULT}", timeout=5).json()
     assert meta["name"] == DEFAULT
-    assert [i["name"] for i in meta["inputs"]] == ["image", "topk", "cam_classes", "cam_method", "outputs"]
+    assert [i["name"] for i in meta["inputs"]] == ["image", "topk", "cam_classes", "cam_method", "outputs", "quality"]
     assert requests.get(f"{kserve.url}/v1/models/{DEFAULT}", timeout=5).json()["ready"] is True
     assert _v1(kserve, {"image": B64}).status_code == 200
     assert _v1(kserve, {"image": B64, "topk": 0}).status_code == 400
@@ -113,6 +113,11 @@ def test_metadata_health_and_metrics(kserve):
     assert f'GradcamBatches_total{{BatchSize="1",Level="Model",ModelName="{DEFAULT}"}}' in text
     assert f'GradcamRejected_total{{Level="Model",ModelName="{DEFAULT}",Reason="invalid_option"}}' in text
     assert "request_predict_seconds" in text  # kserve's own
+    # The faithfulness score's histogram, by model and method (tests/test_quality.py: TorchServe's).
+    scored = _v1(kserve, {"image": B64, "quality": True, "cam_method": "xgradcam"})
+    assert scored.status_code == 200 and "quality" in scored.json()["predictions"][0]["cams"][0]
+    text = requests.get(f"{kserve.url}/metrics", timeout=5).text
+    assert f'GradcamQualityDrop_count{{Level="Model",Method="xgradcam",ModelName="{DEFAULT}"}} 1.0' in text
 
 
 def test_listens_on_loopback_only(kserve):

@@ -547,8 +547,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="the worker's load time limit (default: 600 with compile, else 120)")
     cam.add_argument("--max-side", type=int, default=512, help="long side cap of heatmaps/overlays")
     cam.add_argument("--max-cams", type=int, default=5, help="most CAM classes per request")
+    cam.add_argument("--quality-fraction", type=float, default=0.4, metavar="F",
+                     help="share of the image in a map's top region for quality=true, in (0, 1) "
+                          "(default: %(default)s; docs/api.md)")
     cam.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.quality_fraction < 1:  # before the model is built
+        p.error(f"--quality-fraction must be between 0 and 1 (exclusive), got {args.quality_fraction}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -654,7 +660,7 @@ def run(args: argparse.Namespace) -> int:
             "max_cams": args.max_cams, "malloc_mmap_threshold_mib": args.malloc_thresholds[0],
             "malloc_trim_threshold_mib": args.malloc_thresholds[1],
             "decode_threads": args.decode_threads, "decode_device": args.decode_device,
-            "encode_device": args.encode_device,
+            "encode_device": args.encode_device, "quality_fraction": args.quality_fraction,
         })
         limits = RequestLimits(max_cams=config.limits.max_cams)
         parse_defaults({k: getattr(config.defaults, k) for k in OPTION_NAMES},

@@ -327,7 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "written by make serve; scripts/ops/token.sh prints it)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
-                   help="a request option: topk, cam_classes, cam_method or outputs (repeatable)")
+                   help="a request option: topk, cam_classes, cam_method, outputs or quality (repeatable)")
     p.add_argument("--protocol", choices=("torchserve", "v2"), default="torchserve",
                    help="torchserve: InferenceAPIsService.Predictions (default); v2: KServe's "
                         "GRPCInferenceService.ModelInfer (server needs ts_open_inference_protocol=true)")
