@@ -118,15 +118,27 @@ class LeafCapture(nn.Module):
         super().__init__()
         self.layer = layer
         self.store: dict | None = None
+        self.passthrough = False
         self._leaf = torch._dynamo.disable(self._make)
 
     def _make(self, output):
+        if self.passthrough:  # an attention pass on the eager model needs the whole graph
+            return output
         if self.store is None:
             raise RuntimeError("LeafCapture ran outside a Grad-CAM forward")
         return _make_leaf(self.store, output)
 
     def forward(self, *args, **kwargs):
         return self._leaf(self.layer(*args, **kwargs))
+
+    @contextmanager
+    def passing(self) -> Iterator[None]:
+        """The layer's output goes on unchanged inside the block (handler.attention_cam's eager pass)."""
+        self.passthrough = True
+        try:
+            yield
+        finally:
+            self.passthrough = False
 
 
 @contextmanager
