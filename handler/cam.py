@@ -60,6 +60,7 @@ __all__ = [
     "to_host",
     "device_tensor",
     "device_index",
+    "eager_module",
 ]
 
 METHODS = CAM_METHODS  # one unit per name in cam_weights
@@ -105,6 +106,15 @@ def _leaf_at(layer: nn.Module, store: dict) -> Iterator[None]:
         handle.remove()
 
 
+def eager_module(model: nn.Module) -> nn.Module:
+    """The plain module under a ``torch.compile`` wrapper (and :mod:`handler.compiled`'s frozen one)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "compiled", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 class LeafCapture(nn.Module):
     """The target layer of a compiled model, wrapped: it runs the layer, then makes the leaf.
 
@@ -118,15 +128,27 @@ class LeafCapture(nn.Module):
         super().__init__()
         self.layer = layer
         self.store: dict | None = None
+        self.passthrough = False
         self._leaf = torch._dynamo.disable(self._make)
 
     def _make(self, output):
+        if self.passthrough:  # an attention pass on the eager model needs the whole graph
+            return output
         if self.store is None:
             raise RuntimeError("LeafCapture ran outside a Grad-CAM forward")
         return _make_leaf(self.store, output)
 
     def forward(self, *args, **kwargs):
         return self._leaf(self.layer(*args, **kwargs))
+
+    @contextmanager
+    def passing(self) -> Iterator[None]:
+        """The layer's output goes on unchanged inside the block (handler.attention_cam's eager pass)."""
+        self.passthrough = True
+        try:
+            yield
+        finally:
+            self.passthrough = False
 
 
 @contextmanager

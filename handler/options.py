@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from handler.errors import InvalidOption
 from handler.limits import RequestLimits
-from handler.vocab import CAM_METHODS, FALSE_WORDS, METHOD_ALIASES, OPTION_NAMES, OUTPUT_FORMS, TRUE_WORDS
+from handler.vocab import FALSE_WORDS, METHOD_ALIASES, OPTION_NAMES, OUTPUT_FORMS, REQUEST_METHODS, TRUE_WORDS
 
 __all__ = [
     "CamSelection",
@@ -199,8 +199,8 @@ def _parse_cam_classes(
 def _parse_cam_method(value: object) -> str:
     method = value.strip().lower() if isinstance(value, str) else None
     method = METHOD_ALIASES.get(method, method)
-    if method not in CAM_METHODS:
-        message = f"unknown cam_method {value!r}; use one of {', '.join(CAM_METHODS)}"
+    if method not in REQUEST_METHODS:
+        message = f"unknown cam_method {value!r}; use one of {', '.join(REQUEST_METHODS)}"
         raise InvalidOption(message, "cam_method")
     return method
 

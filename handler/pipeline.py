@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from handler.answers import AnswerWriter, Job, frame_size
+from handler.attention_cam import attention_explainer, batch_pass
 from handler.cam import (
     CamEngine,
     Frames,
@@ -40,7 +41,7 @@ from handler.cam import (
 )
 from handler.compiled import CompiledPass
 from handler.config import ServeConfig
-from handler.errors import DeviceOutOfMemory, HandlerError, ModelFailure, ResponseTooLarge, error_body
+from handler.errors import DeviceOutOfMemory, HandlerError, InvalidOption, ModelFailure, ResponseTooLarge, error_body
 from handler.host import tune_malloc
 from handler.image_tensors import DeviceJpegRoute, display_batch, model_batch
 from handler.images import ImageDecoder, InputLayout, Photo, cover_size, open_image
@@ -50,7 +51,7 @@ from handler.options import LabelIndex, parse_defaults, parse_options
 from handler.quality import QualityScorer
 from handler.render import DeviceJpegEncoder
 from handler.requests import RawRequest
-from handler.vocab import OPTION_NAMES
+from handler.vocab import ATTENTION_METHODS, OPTION_NAMES
 
 __all__ = ["Answer", "Archive", "BatchStats", "MetricsSink", "Pipeline", "unpack_archive"]
 
@@ -204,6 +205,8 @@ class Pipeline:
             grid=config.target.grid,
         )
         self.engine = CamEngine(model, config.target.target_layer, **self._engine_args)
+        # Attention methods (chefer): their modules found once, or why this model has none.
+        self.attention, self.attention_refusal = attention_explainer(self.engine)
         for key in ("channels_last", "compile", "compile_freeze"):
             if getattr(config.speed, key) == "auto":
                 logger.info("%s is 'auto' but was not resolved by the archiver: serving with it off", key)
@@ -211,6 +214,8 @@ class Pipeline:
         self.label_index = LabelIndex(labels, config.model.num_classes)
         self.defaults = parse_defaults({k: getattr(config.defaults, k) for k in OPTION_NAMES}, self.label_index,
                                        config.model.num_classes, self.limits)
+        if self.defaults.cam_method in ATTENTION_METHODS and self.attention is None:
+            raise ValueError(f"handler config key 'cam_method': {self.attention_refusal}")
         # Letterbox padding is the mean colour: zero after normalisation.
         fill = tuple(int(v) for v in np.round(np.asarray(config.input.mean) * 255))
         self.layout = InputLayout(tuple(config.input.input_size), config.input.resize, config.input.interpolation, fill)
@@ -316,6 +321,9 @@ class Pipeline:
                 source = open_image(request.image_bytes, self.limits)  # header and limits only
                 options = parse_options(request.options, self.defaults, self.label_index,
                                         self.config.model.num_classes, self.limits)
+                if options.cam_method in ATTENTION_METHODS and self.attention is None:
+                    raise InvalidOption(f"cam_method {options.cam_method!r} does not apply to this model: "
+                                        f"{self.attention_refusal}", "cam_method")
                 pending.append((idx, source, options))
             except HandlerError as err:
                 answers[idx] = self._fail(idx, err, size)
@@ -415,13 +423,14 @@ class Pipeline:
         engine = engine or self.engine
         pixels, boxes = model_batch([job.photo for job in jobs], self.layout, engine.device)
         x = engine.prepare(pixels)
-        cam_pass = engine.forward(x)
+        # Requests asking for an attention method run in a pass of their own (handler.attention_cam).
+        cam_pass = batch_pass(engine, self.attention, x, [j.options.cam_method for j in jobs])
         probs = cam_pass.logits.detach().float().softmax(dim=1)
         k = max(max(j.options.topk for j in jobs), max(j.options.cam_classes.count for j in jobs))
         top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
 
         rows, classes_t, methods = _targets(jobs, top_i)
-        maps = normalize_maps(engine.cams(cam_pass, rows, classes_t, methods))
+        maps = normalize_maps(cam_pass.cams(rows, classes_t, methods))
 
         # Heatmaps and overlays only for the targets whose request asks for them.
         wants = [set(jobs[r].options.outputs) for r in rows]

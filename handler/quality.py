@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from handler.cam import eager_module
 from handler.vocab import QUALITY_KEYS
 
 __all__ = ["QUALITY_KEYS", "QualityScorer", "impute"]
@@ -93,22 +94,13 @@ def impute(x: Tensor, known: Tensor, kernel: Tensor, noise: Tensor | None = None
 
 @contextmanager
 def _uncaptured(engine) -> Iterator[nn.Module]:
-    """The engine's eager model, with its own target layer in place of a compiled model's
-    :class:`~handler.cam.LeafCapture` (which makes a leaf for a gradient pass) while it runs."""
-    model = engine.model
-    model = getattr(model, "compiled", model)  # handler.compiled's _Frozen
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    """The engine's eager model; a compiled model's :class:`~handler.cam.LeafCapture` (which makes
+    a leaf for a gradient pass) lets the target layer's output through while it runs. Nothing is
+    swapped in the model, so the compiled graphs' guards see the same modules afterwards."""
+    model = eager_module(engine.model)
     capture = engine.capture
-    if capture is None:
+    with capture.passing() if capture is not None else nullcontext():
         yield model
-        return
-    parent_name, _, child = engine.target_layer.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    setattr(parent, child, capture.layer)
-    try:
-        yield model
-    finally:
-        setattr(parent, child, capture)
 
 
 class QualityScorer:

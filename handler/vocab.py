@@ -7,6 +7,8 @@ from __future__ import annotations
 
 __all__ = [
     "CAM_METHODS",
+    "ATTENTION_METHODS",
+    "REQUEST_METHODS",
     "METHOD_ALIASES",
     "OUTPUT_FORMS",
     "OPTION_NAMES",
@@ -25,6 +27,10 @@ __all__ = [
 
 #: CAM methods a request may ask for (``cam_method``); the engine has one unit per name.
 CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+#: Transformer-native methods from attention probabilities (handler.attention_cam): timm ViT/Eva only.
+ATTENTION_METHODS = ("chefer",)
+#: Every ``cam_method`` a request may name.
+REQUEST_METHODS = CAM_METHODS + ATTENTION_METHODS
 #: Other spellings accepted for a method.
 METHOD_ALIASES = {"gradcampp": "gradcam++"}
 #: Output forms of a map (``outputs``), in the order a response lists them.

@@ -433,13 +433,13 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from handler.vocab import (
-        CAM_METHODS,
         CODEC_DEVICES,
         COMPILE_BATCH_MODES,
         COMPILE_STARTS,
         INTERPOLATIONS,
         LAYOUTS,
         PRECISIONS,
+        REQUEST_METHODS,
         RESIZE_MODES,
         SWITCHES,
     )
@@ -516,7 +516,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cam.add_argument("--topk", type=int, default=None,
                      help="predictions per image (default: 5, or all classes if fewer)")
     cam.add_argument("--cam-classes", default="top1", help="top1, topN, none or a class list")
-    cam.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam")
+    cam.add_argument("--cam-method", choices=REQUEST_METHODS, default="gradcam")
     cam.add_argument("--outputs", default="map", help="comma list of map, heatmap, overlay")
     cam.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast on GPUs")
     fast = p.add_argument_group("speed (auto: timed here during the dry run, the faster correct choice is kept)")

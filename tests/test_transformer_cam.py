@@ -1,0 +1,233 @@
+"""Tests of handler.attention_cam: Chefer et al.'s maps on timm ViT, DeiT, register-token and Eva
+models against a straightforward unbatched reference (per image, per class), the batch split that
+keeps fused attention for every other request, the compiled path left untouched, and the 400s
+(CNN, torchvision ViT, unknown method) through the pipeline's own error path. No server."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from support.families import randomize, save_weights
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+
+from handler.attention_cam import attention_explainer, batch_pass
+from handler.cam import CamEngine
+from handler.pipeline import Archive, Pipeline
+from handler.requests import RawRequest
+from handler.vocab import ATTENTION_METHODS
+
+SIZE = 32
+TINY = dict(img_size=SIZE, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+MODELS = {
+    "vit": (lambda: VisionTransformer(**TINY), "token"),
+    "deit_distilled": (lambda: VisionTransformerDistilled(**TINY), "distilled"),
+    "vit_reg_avg": (lambda: VisionTransformer(**TINY, reg_tokens=2, global_pool="avg"), "avg"),
+    "eva_rope": (lambda: Eva(**TINY, use_rot_pos_emb=True, global_pool="token"), "token"),
+}
+
+
+def _model(key: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize(MODELS[key][0]().eval(), (SIZE, SIZE), seed)
+
+
+def _engine(model: torch.nn.Module, **kwargs) -> CamEngine:
+    return CamEngine(model, input_size=(SIZE, SIZE), **kwargs)
+
+
+def _reference(model: torch.nn.Module, image: torch.Tensor, cls: int, readout: str) -> torch.Tensor:
+    """Chefer et al. (2021) as the paper writes it, one image and one class at a time: unfused
+    attention, ``A_bar = mean_h relu(grad * A)``, ``R = I; R = R + A_bar @ R`` per block, the
+    read-out row of ``R`` at the patch tokens."""
+    m = copy.deepcopy(model)
+    attn = [mod for mod in m.modules() if hasattr(mod, "fused_attn")]
+    probs: list[torch.Tensor] = []
+    for mod in attn:
+        mod.fused_attn = False
+        mod.attn_drop.register_forward_hook(lambda _m, _i, out: probs.append(out))
+    with torch.enable_grad():
+        logits = m(image[None].clone().requires_grad_(True))
+        grads = torch.autograd.grad(logits[0, cls], probs)
+    tokens = probs[0].shape[-1]
+    prefix = m.num_prefix_tokens
+    relevance = torch.eye(tokens, dtype=probs[0].dtype)
+    for a, g in zip(probs, grads, strict=True):
+        relevance = relevance + (g[0] * a[0]).clamp(min=0).mean(dim=0) @ relevance
+    if readout == "token":
+        row = relevance[0]
+    elif readout == "distilled":
+        row = (relevance[0] + relevance[1]) / 2
+    else:
+        row = relevance[prefix:].mean(dim=0)
+    side = int(round((tokens - prefix) ** 0.5))
+    return row[prefix:].reshape(side, side)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["vmapped", "per_round"])
+@pytest.mark.parametrize("key", list(MODELS))
+def test_chefer_equals_an_unbatched_reference(key, batched):
+    model = _model(key).double()  # fp64: the maps' spread over the patches is small at random weights
+    engine = _engine(model, batched_targets=batched)
+    explainer, why = attention_explainer(engine)
+    assert explainer is not None, why
+    x = torch.randn((3, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rows, classes = [0, 1, 0, 2, 1], [4, 0, 1, 3, 2]  # two rounds of classes
+    maps = batch_pass(engine, explainer, x, ["chefer"] * 3).cams(rows, torch.tensor(classes), ["chefer"] * 5)
+    assert maps.shape == (5, 4, 4)
+    for p, (r, c) in enumerate(zip(rows, classes, strict=True)):
+        ref = _reference(model, x[r], c, MODELS[key][1]).detach()
+        spread = float(ref.amax() - ref.amin())  # what the served, min-max-scaled map shows
+        assert spread > 1e-6, "the reference map is constant: the comparison would be vacuous"
+        torch.testing.assert_close(maps[p], ref, atol=1e-6 * spread, rtol=0)
+    # Fused attention is back on; no hook is left; no parameter got a gradient.
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_batch_split_keeps_fused_attention_for_the_other_rows(monkeypatch):
+    model = _model("vit")
+    engine = _engine(model)
+    explainer, _ = attention_explainer(engine)
+    fused_batches: list[int] = []
+    unfused_batches: list[int] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def _counting_sdpa(q, *args, **kwargs):
+        fused_batches.append(q.shape[0])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _counting_sdpa)
+    for block in model.blocks:
+        block.attn.attn_drop.register_forward_hook(lambda _m, _i, out: unfused_batches.append(out.shape[0]))
+    x = torch.randn((4, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(2))
+
+    alone = batch_pass(engine, explainer, x[[0, 2]], ["gradcam", "gradcam++"])
+    assert fused_batches == [2, 2] and unfused_batches == []  # the default path: fused, no probabilities
+    fused_batches.clear()
+    mixed = batch_pass(engine, explainer, x, ["gradcam", "chefer", "gradcam++", "chefer"])
+    assert fused_batches == [2, 2], "the Grad-CAM rows run fused, in a pass of their own"
+    assert unfused_batches == [2, 2], "only the chefer rows materialise attention probabilities"
+    torch.testing.assert_close(mixed.logits[[0, 2]], alone.logits.detach(), atol=0, rtol=0)
+    classes = torch.tensor([1, 3, 2, 4])
+    got = mixed.cams([0, 1, 2, 3], classes, ["gradcam", "chefer", "gradcam++", "chefer"])
+    want = alone.cams([0, 1], classes[[0, 2]], ["gradcam", "gradcam++"])
+    torch.testing.assert_close(got[[0, 2]], want, atol=0, rtol=0)
+    chefer_only = batch_pass(engine, explainer, x[[1, 3]], ["chefer", "chefer"]).cams([0, 1], classes[[1, 3]],
+                                                                                    ["chefer", "chefer"])
+    torch.testing.assert_close(got[[1, 3]], chefer_only, atol=1e-6, rtol=1e-5)
+
+
+def test_the_compiled_graphs_neither_break_nor_recompile():
+    from handler.compiled import CompiledPass, _graph_count
+
+    model = _model("vit")
+    engine = _engine(model)
+    explainer, _ = attention_explainer(engine)
+    x = torch.randn((2, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(3))
+    want = batch_pass(engine, explainer, x, ["chefer", "chefer"]).cams([0, 1], torch.tensor([0, 1]), ["chefer"] * 2)
+    eager_gradcam = engine.cams(engine.forward(x), [0, 1], torch.tensor([0, 1]), ["gradcam"] * 2)
+    compiled = CompiledPass(engine, batch_size=2, backend="eager")
+    engine.batched_targets = False  # as Pipeline._compile does
+    compiled.warm_up(lambda n: engine.cams(engine.forward(x[:n]), list(range(n)), torch.arange(n), ["gradcam"] * n))
+    assert compiled.active
+    graphs = _graph_count()
+    mixed = batch_pass(engine, explainer, x, ["gradcam", "chefer"])
+    got = mixed.cams([0, 1], torch.tensor([0, 1]), ["gradcam", "chefer"])
+    again = engine.cams(engine.forward(x), [0, 1], torch.tensor([0, 1]), ["gradcam"] * 2)
+    assert _graph_count() == graphs, "a chefer pass made the compiled model compile again"
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(again, eager_gradcam, atol=1e-6, rtol=1e-5)
+    assert engine.capture is not None and not engine.capture.passthrough
+
+
+# --------------------------------------------------------------------------- through the pipeline
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _pipeline(folder, source: str, model: torch.nn.Module, kwargs: dict, **handler) -> Pipeline:
+    folder.mkdir()
+    save_weights(model, folder / "model.safetensors")
+    config = {"model": source, "num_classes": 5, "model_kwargs": kwargs, "labels": "",
+              "input_size": [SIZE, SIZE], **handler}
+    return Pipeline(Archive(folder, folder.name, handler=config, batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def vit_pipeline(tmp_path_factory):
+    kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    model = randomize(VisionTransformer(**TINY).eval(), (SIZE, SIZE))
+    return _pipeline(tmp_path_factory.mktemp("p") / "tiny_vit", "timm:vit_tiny_patch16_224", model, kwargs)
+
+
+def _answers(pipeline: Pipeline, methods: list[str]) -> list[dict]:
+    requests = [RawRequest(_png(i), {"cam_method": m, "cam_classes": "top2", "outputs": "map,heatmap"}, "json")
+                for i, m in enumerate(methods)]
+    out = []
+    for answer in pipeline.run(requests):
+        body = json.loads(answer.text)
+        body.pop("batch_size", None)
+        out.append({"status": answer.status, **body})
+    return out
+
+
+def test_other_answers_are_identical_whether_or_not_a_chefer_request_shares_the_batch(vit_pipeline):
+    alone = _answers(vit_pipeline, ["gradcam", "xgradcam"])
+    mixed = _answers(vit_pipeline, ["gradcam", "xgradcam", "chefer"])
+    assert alone == mixed[:2]
+    assert mixed[2]["status"] == 200 and [c["method"] for c in mixed[2]["cams"]] == ["chefer", "chefer"]
+    grid = np.array(mixed[2]["cams"][0]["map"])
+    assert grid.shape == (4, 4) and grid.max() == 1.0 and grid.min() == 0.0
+    assert all(m.fused_attn for m in vit_pipeline.engine.model.modules() if hasattr(m, "fused_attn"))
+
+
+def test_an_unknown_method_gets_a_400_that_lists_chefer(vit_pipeline):
+    (answer,) = vit_pipeline.run([RawRequest(_png(0), {"cam_method": "rollout"}, "json")])
+    body = json.loads(answer.text)
+    assert answer.status == 400 and body["field"] == "cam_method"
+    assert all(m in body["message"] for m in ("gradcam", "hirescam", *ATTENTION_METHODS))
+
+
+def test_a_cnn_refuses_chefer_with_a_400_that_says_why(tmp_path):
+    from conftest import DATA
+    from support.tinynet import tinynet_class
+
+    torch.manual_seed(0)
+    source = f"{DATA / 'tinynet' / 'model.py'}:TinyNet"
+    pipeline = _pipeline(tmp_path / "cnn", source, tinynet_class()(num_classes=5).eval(), {})
+    folder, config = pipeline.archive.model_dir, pipeline.archive.handler
+    bad, good = pipeline.run([RawRequest(_png(0), {"cam_method": "chefer"}, "json"),
+                              RawRequest(_png(1), {"cam_method": "gradcam"}, "json")])
+    body = json.loads(bad.text)
+    assert bad.status == 400 and body["field"] == "cam_method"
+    assert "does not apply to this model" in body["message"] and "TinyNet" in body["message"]
+    assert "attention" in body["message"]
+    assert good.status == 200
+    with pytest.raises(ValueError, match="cam_method"):
+        Pipeline(Archive(folder, "cnn", handler={**config, "cam_method": "chefer"}, batch_size=2))
+
+
+def test_torchvision_vit_is_refused_and_says_why():
+    from conftest import DATA
+    from support.families import Family
+
+    model = Family("tv_vit", f"{DATA / 'tvvit' / 'model.py'}:SmallViT").build()
+    engine = CamEngine(model, "encoder.layers.encoder_layer_1.ln_1")
+    explainer, why = attention_explainer(engine)
+    assert explainer is None
+    assert "need_weights=False" in why and "torchvision" in why
