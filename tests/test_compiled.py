@@ -183,9 +183,11 @@ def _compiled_handler(model_dir, caplog, gpu: int | None = None, **handler):  # 
 
 
 def _answers_as_eager_in_batches_of_1_to_4(eager, compiled) -> None:
-    """Batches of 1..4 requests (buckets 1, 2, 4, 4), one of them bad: the compiled worker's
-    statuses, classes and maps equal the eager worker's."""
-    items = [{"body": _png()}, {"image": _png((40, 90)), "cam_classes": "top2", "cam_method": "gradcam++"},
+    """Batches of 1..4 requests (buckets 1, 2, 4, 4), one of them bad, one with a quality score
+    (its extra pass runs the eager model inside the compiled one): the compiled worker's
+    statuses, classes, maps and scores equal the eager worker's."""
+    items = [{"body": _png()}, {"image": _png((40, 90)), "cam_classes": "top2", "cam_method": "gradcam++",
+                                "quality": "true"},
              {"body": b"not an image"}, {"body": _png((70, 30)), "outputs": "map,heatmap"}]
     for n in range(1, len(items) + 1):
         want_status, want = _batch(*eager, items[:n])
@@ -199,6 +201,10 @@ def _answers_as_eager_in_batches_of_1_to_4(eager, compiled) -> None:
             for gc, wc in zip(g["cams"], w["cams"], strict=True):
                 assert gc["class_id"] == wc["class_id"]
                 torch.testing.assert_close(torch.tensor(gc["map"]), torch.tensor(wc["map"]), atol=2e-3, rtol=0)
+                assert ("quality" in gc) == ("quality" in wc)
+                if "quality" in wc:
+                    assert gc["quality"]["fraction"] == wc["quality"]["fraction"]
+                    assert abs(gc["quality"]["kept_confidence"] - wc["quality"]["kept_confidence"]) < 1e-3
 
 
 def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load(model_dir, tmp_path,  # noqa: F811
