@@ -39,12 +39,13 @@ from handler.cam import (
     to_uint8,
     upsample_maps,
 )
-from handler.compiled import CompiledPass
+from handler.compiled import CompiledPass, cache_dir
 from handler.config import ServeConfig
 from handler.errors import DeviceOutOfMemory, HandlerError, InvalidOption, ModelFailure, ResponseTooLarge, error_body
 from handler.host import tune_malloc
 from handler.image_tensors import DeviceJpegRoute, display_batch, model_batch
 from handler.images import ImageDecoder, InputLayout, Photo, cover_size, open_image
+from handler.kernels import install as install_kernels
 from handler.limits import RequestLimits
 from handler.models import build_model, load_state_dict_strict, read_labels
 from handler.options import LabelIndex, parse_defaults, parse_options
@@ -229,6 +230,7 @@ class Pipeline:
         # A batch runs on one engine; the switch to the compiled one happens between batches.
         self._switch = threading.Lock()
         self.compiled: CompiledPass | None = None
+        self._kernels_checked = False
         self.compiling: threading.Thread | None = None
         if config.speed.compile == "on":
             batch = max(1, archive.batch_size)
@@ -276,6 +278,9 @@ class Pipeline:
         """
         config = self.config
         started = time.perf_counter()
+        if not self._kernels_checked:  # shipped in the archive (gradcam-archive --ship-kernels)
+            self._kernels_checked = True
+            install_kernels(self.archive.model_dir, cache_dir(config.speed.compile_cache_dir), self.device.type)
         try:
             compiled = CompiledPass(engine, batch_size, config.speed.compile_batch, config.speed.compile_backend,
                                     config.speed.compile_mode, config.speed.compile_cache_dir,

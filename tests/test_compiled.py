@@ -15,11 +15,14 @@ import shutil
 import subprocess
 import sys
 import threading
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import DATA, ROOT, run_archiver
+from support.tinynet import tinynet_class
 from test_cam import _calibrated
 from test_handler import _batch, _handler, _png, model_dir  # noqa: F401 (fixture)
 
@@ -472,3 +475,61 @@ def test_a_compiled_worker_serves_eager_from_the_first_batch_then_switches_betwe
     assert pipeline.compiled is not None and pipeline.compiled.active
     assert "switched to the compiled model" in caplog.text
     _answers_as_eager_in_batches_of_1_to_4(eager, compiled)
+
+
+_WORKER = r"""
+import json, logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s", stream=sys.stderr)
+from torch._dynamo.utils import counters
+from handler.pipeline import Archive, Pipeline
+from handler.requests import RawRequest
+pipeline = Pipeline(Archive.from_dir(sys.argv[1]), "cpu")
+answer = pipeline.run([RawRequest(Path(sys.argv[2]).read_bytes(), {"cam_classes": "top2"}, "raw")])[0]
+print(json.dumps({"compiled": pipeline.compiled is not None, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"], "body": json.loads(answer.text)}))
+"""
+
+
+def _new_pod_worker(folder: Path, root: Path) -> tuple[dict, str]:
+    """A worker compiling ``folder`` at load in a new process with a fresh HOME, TMPDIR and cache."""
+    for sub in ("home", "tmp", "cache"):
+        (root / sub).mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), XDG_CACHE_HOME=str(root / "cache"))
+    done = subprocess.run([sys.executable, "-c", _WORKER, str(folder), str(DATA / "chelsea.jpg")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_shipped_kernels_load_where_they_fit_and_are_refused_with_one_line_where_not(tmp_path):
+    """gradcam-archive --ship-kernels: a new pod's worker installs the archive's kernels and
+    compiles from inductor's cache (hits, no misses), answering exactly as a worker without
+    them; kernels built for another torch version are refused with one log line, not loaded,
+    and that worker compiles from scratch and answers the same."""
+    from handler.kernels import KERNELS, KEY_FILE
+
+    weights = tmp_path / "tinynet.pt"
+    torch.save(tinynet_class()(num_classes=3).state_dict(), weights)
+    run_archiver("-q", "--export-path", str(tmp_path), "--model", f"{DATA / 'tinynet' / 'model.py'}:TinyNet",
+                 "--num-classes", "3", "--weights", str(weights), "--name", "tiny", "--input-size", "64",
+                 "--compile", "on", "--channels-last", "off", "--compile-freeze", "off", "--compile-start", "load",
+                 "--batch-size", "1", "--ship-kernels", check=True)  # one batch size: one set of graphs
+    folder = tmp_path / "tiny"
+    with zipfile.ZipFile(tmp_path / "tiny.mar") as mar:
+        mar.extractall(folder)
+    key = json.loads((folder / KEY_FILE).read_text())
+    assert key["torch"] == torch.__version__ and key["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert any((folder / KERNELS).rglob("*.so"))
+
+    shipped, log = _new_pod_worker(folder, tmp_path / "pod1")
+    assert shipped["compiled"] and "installed" in log and "shipped compiled kernel files" in log
+    assert shipped["hits"] > 0 and shipped["misses"] == 0, shipped
+
+    (folder / KEY_FILE).write_text(json.dumps({**key, "torch": "2.0.0"}))
+    refused, log = _new_pod_worker(folder, tmp_path / "pod2")
+    lines = [line for line in log.splitlines() if "shipped compiled kernels not used" in line]
+    assert len(lines) == 1 and f"built for torch 2.0.0; this worker has torch {torch.__version__}" in lines[0]
+    assert refused["compiled"] and refused["hits"] == 0 and refused["misses"] > 0, refused
+    assert refused["body"] == shipped["body"]  # the same answers, with or without shipped kernels

@@ -407,6 +407,8 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
         reqs.write_text(requirements, encoding="utf-8")
         yaml_path = tmp / "model-config.yaml"
         yaml_path.write_text(model_config_yaml(args, config), encoding="utf-8")
+        if getattr(args, "ship_kernels", False):
+            ship_kernels(args, config, stage, weights, yaml_path, tmp)
         # torch-model-archiver stages in $TMPDIR/<model name>: a private TMPDIR per build keeps
         # parallel builds of one name apart.
         (tmp / "tmp").mkdir()
@@ -426,6 +428,40 @@ def package(args, config, state, model_file: Path | None, labels: list[str] | No
         if done.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {done.stderr.strip() or done.stdout.strip()}")
     return export / f"{args.name}.mar"
+
+
+def ship_kernels(args, config, stage: Path, weights: Path, yaml_path: Path, tmp: Path) -> None:
+    """Compile the staged archive's pipeline in a child process with a fresh inductor cache, as a
+    worker would, and put that cache in ``stage`` (handler/kernels.py)."""
+    from handler.kernels import KERNELS, KEY_FILE
+
+    if config.speed.compile != "on":
+        logger.info("  compile resolved to %s: no kernels to ship", config.speed.compile)
+        return
+    t = _step("compiling every batch size to ship the kernels (a minute or two on a CPU)")
+    unpacked = tmp / "unpacked"
+    shutil.copytree(stage, unpacked)
+    shutil.copy2(weights, unpacked / "model.safetensors")
+    shutil.copy2(yaml_path, unpacked / "model-config.yaml")
+    (unpacked / "MAR-INF").mkdir()
+    (unpacked / "MAR-INF" / "MANIFEST.json").write_text(json.dumps({"model": {
+        "modelName": args.name, "serializedFile": "model.safetensors", "configFile": "model-config.yaml"}}))
+    home = tmp / "kernels-home"
+    (home / "tmp").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(home / "cache"), TMPDIR=str(home / "tmp"))
+    key = tmp / KEY_FILE
+    # In the unpacked archive, with its own copy of the handler: what a worker would compile.
+    done = subprocess.run([sys.executable, "-m", "handler.kernels", str(unpacked), str(key)], cwd=unpacked, env=env,
+                          capture_output=True, text=True)
+    cache = home / "cache" / "gradcam-serve" / "inductor"
+    if done.returncode != 0 or not key.is_file() or not cache.is_dir():
+        raise ArchiveError(f"compiling the kernels to ship failed:\n{(done.stderr or done.stdout)[-3000:]}")
+    shutil.copytree(cache, stage / KERNELS)
+    shutil.copy2(key, stage / KEY_FILE)
+    size = sum(p.stat().st_size for p in (stage / KERNELS).rglob("*") if p.is_file())
+    logger.info("  %.1f MB of kernels for %s, in %.1fs", size / 1e6,
+                json.loads(key.read_text()).get("cpu_isa", "?"), time.perf_counter() - t)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -543,6 +579,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fast.add_argument("--compile-cache-dir", default="",
                       help="inductor's cache folder on the server (default: ~/.cache/gradcam-serve/inductor, "
                            "shared by its workers, so a restarted worker loads its compiled kernels)")
+    fast.add_argument("--ship-kernels", action="store_true",
+                      help="with compile on: compile every batch size here (a minute or two on a CPU) and ship "
+                           "inductor's kernels in the archive, so a new replica on the same torch, Python and "
+                           "CPU ISA compiles in a third of the time; elsewhere its worker says why in one log "
+                           "line and compiles as without them (docs/performance.md, cold start)")
     fast.add_argument("--startup-timeout", type=int, default=None, metavar="S",
                       help="the worker's load time limit (default: 600 with compile, else 120)")
     cam.add_argument("--max-side", type=int, default=512, help="long side cap of heatmaps/overlays")
@@ -552,6 +593,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "(default: %(default)s; docs/api.md)")
     cam.add_argument("-q", "--quiet", action="store_true", help="only errors")
     args = p.parse_args(argv)
+    if args.ship_kernels and args.compile == "off":
+        p.error("--ship-kernels needs --compile on (or auto): with compile off there are no kernels to ship")
     if not 0 < args.quality_fraction < 1:  # before the model is built
         p.error(f"--quality-fraction must be between 0 and 1 (exclusive), got {args.quality_fraction}")
     return args

@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """Cold start of the default model: how soon a new replica answers, and how soon it is at full speed.
 
-Three archives of the default model, each started as a new pod would be: a new TorchServe with a
+Five archives of the default model, each started as a new pod would be: a new TorchServe with a
 fresh HOME, TMPDIR and kernel cache.
 
   eager                      compile off
   compiled, at load          compile on, compile_start load: ready once every batch size compiled
   compiled, in background    compile on, compile_start background (the default): ready at once on
                              the eager model, switching to the compiled one once it is built
+  ... shipped kernels        either, built with gradcam-archive --ship-kernels: the archive carries
+                             inductor's cache, which the new pod's worker installs before compiling
 
 For each: the time from starting the server to the first correct answer (a cat for the cat photo),
 then, with 8 clients sending in a closed loop from that moment, the time until a 5-second window
-reaches 0.9x the warm compiled throughput (measured at the end on the warm compiled server), and
+reaches 0.9x the warm compiled throughput (measured first, on a warmed-up server compiled at load), and
 the time a SIGKILLed worker takes to answer again. Loopback only; servers on free ports, stopped
 at the end. Prints a table and writes bench_results/startup.json.
 
@@ -40,12 +42,15 @@ MODEL = "efficientnet_lite0"
 CATS = range(281, 286)
 PHOTO = (ROOT / "tests" / "data" / "chelsea.jpg").read_bytes()
 
+_COMPILED = ["--compile", "on", "--channels-last", "on", "--compile-freeze", "off"]
 ARCHIVES = [
     ("eager", "lite0_eager", ["--compile", "off", "--channels-last", "off"]),
-    ("compiled, at load", "lite0_at_load", ["--compile", "on", "--channels-last", "on", "--compile-freeze", "off",
-                                            "--compile-start", "load"]),
-    ("compiled, in background", "lite0_background", ["--compile", "on", "--channels-last", "on",
-                                                      "--compile-freeze", "off", "--compile-start", "background"]),
+    ("compiled, at load", "lite0_at_load", [*_COMPILED, "--compile-start", "load"]),
+    ("compiled, in background", "lite0_background", [*_COMPILED, "--compile-start", "background"]),
+    ("compiled, at load, shipped kernels", "lite0_at_load_ship", [*_COMPILED, "--compile-start", "load",
+                                                                  "--ship-kernels"]),
+    ("compiled, in background, shipped kernels", "lite0_background_ship", [*_COMPILED, "--compile-start",
+                                                                           "background", "--ship-kernels"]),
 ]
 
 
