@@ -158,10 +158,13 @@ def test_prometheus_auto_detection_exports_every_handler_metric(compat_store, tm
         _assert_cat(server)
         r = server.predict(DEFAULT, files={"image": ("x.jpg", photo("chelsea.jpg"))}, data={"topk": "0"})
         assert r.status_code == 400
+        r = server.predict(DEFAULT, files={"image": ("x.jpg", photo("chelsea.jpg"))}, data={"quality": "true"})
+        assert r.status_code == 200 and "quality" in r.json()["cams"][0]  # the histogram's first value
         wanted = {spec.name for spec in METRICS}
-        assert _wait_for(lambda: wanted <= set(re.findall(r"^(Gradcam\w+)\{", _metrics_text(server), re.M))), (
+        exported = r"^(Gradcam\w+?)(?:_bucket|_count|_sum)?\{"  # a histogram's series carry suffixes
+        assert _wait_for(lambda: wanted <= set(re.findall(exported, _metrics_text(server), re.M))), (
             _metrics_text(server))
-        assert re.search(r'^GradcamBatches\{.*BatchSize="1".*\} 2\.0$', _metrics_text(server), re.M)
+        assert re.search(r'^GradcamBatches\{.*BatchSize="1".*\} 3\.0$', _metrics_text(server), re.M)
         assert re.search(r'^GradcamRejected\{.*Reason="invalid_option".*\} 1\.0$', _metrics_text(server), re.M)
     finally:
         server.stop()
