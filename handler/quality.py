@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from handler.cam import eager_module
+from handler.cam import device_index, device_tensor, eager_module
 from handler.vocab import QUALITY_KEYS
 
 __all__ = ["QUALITY_KEYS", "QualityScorer", "impute"]
@@ -197,7 +197,7 @@ class QualityScorer:
         Returns:
             ``(P, 7)`` float32, on the device.
         """
-        index = torch.tensor(list(rows), dtype=torch.long).to(x.device, non_blocking=True)
+        index = device_index(rows, x.device)
         region, image, fractions = self.regions(maps, [boxes[r] for r in rows])
         batch = self.variants(x.float()[index], region, image)
         batch = batch.contiguous(memory_format=engine.memory_format)
@@ -210,6 +210,6 @@ class QualityScorer:
             confidence = probs[index, classes].float()
             drop = (confidence - kept).clamp(min=0) / confidence.clamp(min=_EPS)
             removed_drop = (confidence - removed).clamp(min=0) / confidence.clamp(min=_EPS)
-            fraction = torch.tensor(fractions, dtype=torch.float32).to(x.device, non_blocking=True)
+            fraction = device_tensor(fractions, x.device, torch.float32)
             return torch.stack([confidence, kept, drop, (kept > confidence).float(), removed, removed_drop,
                                 fraction], dim=1).clone()
