@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from handler.cam import eager_module
+from handler.cam import device_index, eager_module
 from handler.layouts import ModelHints, _is_torchvision_vit
 from handler.vocab import ATTENTION_METHODS
 
@@ -111,7 +111,7 @@ class AttentionPass:
         n, num_classes = self.logits.shape
         total = max(rounds) + 1
         flat = [(rnd * n + row) * num_classes for rnd, row in zip(rounds, host_rows, strict=True)]
-        index = torch.tensor(flat).to(device, non_blocking=True) + classes.reshape(-1).to(device)
+        index = device_index(flat, device) + classes.reshape(-1).to(device)
         seed = self.logits.new_zeros((total, n, num_classes))
         seed.view(-1).scatter_(0, index, 1.0)
         try:
@@ -125,8 +125,8 @@ class AttentionPass:
             if "does not require grad" in str(exc) or "not have been used" in str(exc):
                 raise RuntimeError("the class score is not connected to every attention block") from exc
             raise
-        pick_round = torch.tensor(rounds).to(device, non_blocking=True)
-        pick_row = torch.tensor(host_rows).to(device, non_blocking=True)
+        pick_round = device_index(rounds, device)
+        pick_row = device_index(host_rows, device)
         attentions = [a.detach()[pick_row] for a in self.attentions]
         grads = [g[pick_round, pick_row] for g in grads]
         readout = torch.tensor(plan.readout)
@@ -299,16 +299,16 @@ class _SplitPass:
         self.cam_pass = None
         parts, order = [], []
         if self.other_rows:
-            self.cam_pass = engine.forward(x[torch.tensor(self.other_rows).to(device, non_blocking=True)])
+            self.cam_pass = engine.forward(x[device_index(self.other_rows, device)])
             parts.append(self.cam_pass.logits)
             order += self.other_rows
-        self.attention = explainer.forward(engine, x[torch.tensor(attention_rows).to(device, non_blocking=True)])
+        self.attention = explainer.forward(engine, x[device_index(attention_rows, device)])
         parts.append(self.attention.logits)
         order += attention_rows
         inverse = [0] * n
         for i, r in enumerate(order):
             inverse[r] = i
-        self.logits = torch.cat([p.detach() for p in parts])[torch.tensor(inverse).to(device, non_blocking=True)]
+        self.logits = torch.cat([p.detach() for p in parts])[device_index(inverse, device)]
 
     def cams(self, rows: Sequence[int], classes: Tensor, methods: Sequence[str]) -> Tensor:
         rows = [int(r) for r in rows]
@@ -321,7 +321,7 @@ class _SplitPass:
             if not picks:
                 continue
             local = [self.where[rows[p]][1] for p in picks]
-            sub = classes[torch.tensor(picks).to(device, non_blocking=True)]
+            sub = classes[device_index(picks, device)]
             if attention:
                 parts.append(self.attention.cams(local, sub, [methods[p] for p in picks]))
             else:
@@ -332,7 +332,7 @@ class _SplitPass:
         inverse = [0] * len(rows)
         for i, p in enumerate(order):
             inverse[p] = i
-        return torch.cat(parts)[torch.tensor(inverse).to(device, non_blocking=True)]
+        return torch.cat(parts)[device_index(inverse, device)]
 
 
 def batch_pass(engine, explainer: AttentionExplainer | None, x: Tensor, job_methods: Sequence[str]):
