@@ -573,7 +573,13 @@ def test_ready_check_sees_scaled_workers_and_guards_the_gpu(pod):
 def test_metrics_the_autoscaler_reads(pod):
     requests.post(pod.url + "/predictions/efficientnet_lite0", files={"image": ("cat.jpg", photo("coffee.jpg"))},
                   timeout=120).raise_for_status()
-    text = requests.get(pod.metrics_url + "/metrics", timeout=10).text
+    # The frontend reads the worker's metrics (GradcamBatches) from its log stream, a moment after
+    # the answer: poll until the batch is counted.
+    deadline = time.monotonic() + 60
+    while not re.search(r'^GradcamBatches\{.*BatchSize="1".*\} ',
+                        text := requests.get(pod.metrics_url + "/metrics", timeout=10).text, re.M) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
     for name in ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds", "ts_inference_requests_total"):
         assert f"# TYPE {name} counter" in text
         value = re.search(rf'^{name}{{model_name="efficientnet_lite0",.*}} ([0-9.eE+]+)$', text, re.M)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -66,10 +67,20 @@ def test_load_script_reports_throughput_latency_errors_and_batches(server, tmp_p
     _plots_are_embedded(out, {"timeline", "batch_sizes"})
 
 
-def _maps_served(server) -> float:
+def _served(server, metric: str = "GradcamMaps") -> float:
+    """Maps served, or with ``GradcamBatches`` the images batched (each row's count times its
+    BatchSize label), by the default model so far."""
     text = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("GradcamMaps{") and f'ModelName="{DEFAULT}"' in line)
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(metric + "{") and f'ModelName="{DEFAULT}"' in line:
+            size = re.search(r'BatchSize="(\d+)"', line) if metric == "GradcamBatches" else None
+            total += float(line.rsplit(" ", 1)[1]) * (int(size.group(1)) if size else 1)
+    return total
+
+
+def _maps_served(server) -> float:
+    return _served(server)
 
 
 def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
@@ -85,6 +96,7 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
         time.sleep(0.3)
     before = _maps_served(server)
     assert before == start + 2  # the counter sees maps
+    images = _served(server, "GradcamBatches")
     out = tmp_path / "raw"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "load" / "loadtest.py"), "--url", server.url, "--metrics-url",
@@ -95,7 +107,12 @@ def test_raw_bodies_carry_the_options_as_headers(server, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["body"] == "raw" and report["requests"] == 12 and report["failures"] == 0
     assert report["ended_by"] == "max-requests"
-    time.sleep(2)  # metrics of the last requests arrive
+    # The frontend reads worker metrics from the worker's log stream, a moment after the answers:
+    # wait until the batch counter has all 12 images, then no map may have been counted.
+    deadline = time.monotonic() + 60
+    while _served(server, "GradcamBatches") < images + 12 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _served(server, "GradcamBatches") == images + 12
     assert _maps_served(server) == before  # the header's cam_classes=none was honoured
 
 

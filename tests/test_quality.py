@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -322,9 +323,19 @@ def test_the_drop_histogram_reaches_torchserves_prometheus_endpoint(server):
     assert r.status_code == 200, r.text
     quality = r.json()["cams"][0]["quality"]
     assert set(quality) == set(QUALITY_KEYS) and 0 < quality["confidence"] <= 1
-    text = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
-    rows = [line for line in text.splitlines() if line.startswith("GradcamQualityDrop_count{")
-            and f'ModelName="{DEFAULT}"' in line and 'Method="layercam"' in line]
-    assert len(rows) == 1 and float(rows[0].rsplit(" ", 1)[1]) >= 1, text
+
+    def rows() -> tuple[str, list[str]]:
+        text = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
+        return text, [line for line in text.splitlines() if line.startswith("GradcamQualityDrop_count{")
+                      and f'ModelName="{DEFAULT}"' in line and 'Method="layercam"' in line]
+
+    # The frontend reads worker metrics from the worker's log stream, not from the answer's
+    # socket: the series can appear a moment after the answer. Poll, returning once it is there.
+    deadline = time.monotonic() + 60
+    text, counts = rows()
+    while not counts and time.monotonic() < deadline:
+        time.sleep(0.2)
+        text, counts = rows()
+    assert len(counts) == 1 and float(counts[0].rsplit(" ", 1)[1]) >= 1, text
     assert any(line.startswith("GradcamQualityDrop_bucket{") and 'Method="layercam"' in line
                for line in text.splitlines())
