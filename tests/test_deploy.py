@@ -35,10 +35,10 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import CAT_CLASSES, EAGER, ROOT, photo
+from conftest import CAT_CLASSES, DEFAULT, ROOT, photo
 from support.scripts import load_script
 
-from devkit.tslocal import LocalServer, default_mar
+from devkit.tslocal import LocalServer
 
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
@@ -524,10 +524,19 @@ def test_inflight_counts_unanswered_requests_on_a_port():
 # ---------------------------------------------------------------------------------- real server
 
 @pytest.fixture(scope="module")
-def pod(tmp_path_factory):
+def default_archive(model_store) -> Path:
+    """The default model's archive, eager: the session's, built once. The image serves eager too
+    (it has no C++ compiler to compile with), and these tests are about starting, scaling,
+    draining and routing, which a compiled archive only slows down: its two workers would compile
+    in the background through every test here."""
+    return model_store / f"{DEFAULT}.mar"
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory, default_archive):
     """TorchServe started the way the image starts it: entrypoint.py serve with the pods' config,
     two workers (TS_WORKERS), the default archive. The last test here stops it with SIGTERM."""
-    mar = default_mar()
+    mar = default_archive
     server = LocalServer(mar.parent, [mar.name], tmp_path_factory.mktemp("pod"), config=POD_CONFIG,
                          overrides={"metrics_config": str(ROOT / "metrics.yaml")},
                          launcher=[sys.executable, str(ENTRYPOINT), "serve"], env={"TS_WORKERS": "2"})
@@ -618,12 +627,12 @@ def test_sigterm_drains_requests_in_flight(pod):
 
 # ---------------------------------------------------------------------------------- KServe, real server
 
-def _kserve_store(root: Path) -> Path:
+def _kserve_store(root: Path, mar: Path) -> Path:
     """The model storage as the README lays it out: config/config.properties, model-store/*.mar."""
     (root / "config").mkdir(parents=True)
     (root / "model-store").mkdir()
     shutil.copy2(KSERVE_CONFIG, root / "config" / "config.properties")
-    shutil.copy2(default_mar(), root / "model-store" / "efficientnet_lite0.mar")
+    shutil.copy2(mar, root / "model-store" / "efficientnet_lite0.mar")
     return root
 
 
@@ -661,10 +670,10 @@ def _is_the_cat(answer: dict, topk: int = 5) -> None:
 
 
 @pytest.fixture(scope="class")
-def predictor(tmp_path_factory):
+def predictor(tmp_path_factory, default_archive):
     """The overlay's config.properties serving the default archive, started as KServe's TorchServe
     runtime starts this image; it lives for the class that uses it."""
-    root = _kserve_store(tmp_path_factory.mktemp("kserve") / "store")
+    root = _kserve_store(tmp_path_factory.mktemp("kserve") / "store", default_archive)
     with _kserve_predictor(root, tmp_path_factory.mktemp("kserve-work")) as server:
         yield server
 
@@ -731,11 +740,11 @@ class TestKServePredictor:
 
 
 @pytest.mark.server
-def test_kserves_envelope_comes_on_with_enable_envvars_config(tmp_path):
+def test_kserves_envelope_comes_on_with_enable_envvars_config(tmp_path, default_archive):
     """The control: the same config with enable_envvars_config=true (as KServe's TorchServe docs set
     it) lets KServe's TS_SERVICE_ENVELOPE=kservev2 in: the envelope drops the parameters, and fails
     every batch of two or more requests of the default archive."""
-    root = _kserve_store(tmp_path / "store")
+    root = _kserve_store(tmp_path / "store", default_archive)
     with _kserve_predictor(root, tmp_path / "work", enable_envvars_config="true") as server:
         url = f"{server.url}/v2/models/efficientnet_lite0/infer"
         r = requests.post(url, json={"inputs": [_v2_image()], "parameters": {"topk": 2}}, timeout=120)
@@ -788,18 +797,15 @@ def test_requests_that_reach_a_killed_replica_before_its_port_closes_count_as_in
 
 
 @pytest.mark.server
-def test_failover_brief_run(tmp_path):
+def test_failover_brief_run(tmp_path, default_archive):
     """scripts/load/failover.py, short: nothing lost on SIGTERM, only in-flight requests on SIGKILL.
 
-    The default model archived eager: the failover is the same, and its three server starts take
-    seconds instead of the compiled archive's ~40 each (the pod tests above start that one, and
-    README's figures come from it)."""
+    The default model archived eager: the failover is the same, and its server starts take
+    seconds instead of a compiled archive's background compile on every start."""
     failover = load_script("scripts/load/failover.py")
 
-    subprocess.run([sys.executable, "-m", "handler.tools.archive", "-q", "--export-path", str(tmp_path),
-                    *EAGER], check=True)
     out = tmp_path / "failover.json"
-    rc = failover.main(["--mar", str(tmp_path / "efficientnet_lite0.mar"), "--duration", "8", "--kill-after", "3",
+    rc = failover.main(["--mar", str(default_archive), "--duration", "8", "--kill-after", "3",
                         "--concurrency", "4", "--settle", "2", "--probe-period", "2", "--json-out", str(out)])
     report = json.loads(out.read_text())
     assert rc == 0, report

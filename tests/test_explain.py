@@ -177,6 +177,24 @@ def test_wrong_token_unreachable_server_unknown_model_and_bad_option_stop_at_onc
     # A value no header carries goes as a multipart field, and reaches the server as it was.
     _one_message(explain(*good, "--url", server.url, "--token", server.token, "--cam-classes", "licorne ä"),
                  "the server refused an option: invalid_option (cam_classes): unknown class name 'licorne ä'")
+    # chefer is a method the client knows; the CNN's server refuses it, saying why.
+    _one_message(explain(*good, "--url", server.url, "--token", server.token, "--cam-method", "chefer"),
+                 "the server refused an option: invalid_option (cam_method): cam_method 'chefer' does not apply "
+                 "to this model: chefer explains a transformer through its attention")
+
+
+def test_quality_adds_the_first_maps_kept_and_removed_confidence_to_each_line(server, tmp_path):
+    photos = tmp_path / "q"
+    photos.mkdir()
+    shutil.copy(DATA / "chelsea.jpg", photos / "cat.jpg")
+    done = explain(photos, "--url", server.url, "--token", server.token, "--out", tmp_path / "out", "--quality",
+                   "--outputs", "map")
+    assert done.returncode == 0, done.stderr
+    (fields,) = [row.split("\t") for row in done.stdout.splitlines()]
+    assert fields[1:3] == ["ok", "Egyptian cat"] and len(fields) == 6
+    quality = json.loads((tmp_path / "out" / "cat.json").read_text())["cams"][0]["quality"]
+    assert fields[5] == f"kept {quality['kept_confidence']:.2f} removed {quality['removed_confidence']:.2f}"
+    assert 0 <= quality["removed_confidence"] < quality["confidence"]  # the cat's region carries the class
 
 
 # ---------------------------------------------------------------------------- a server that answers 503

@@ -57,9 +57,12 @@ def tune(model, config, batch_size: int, device: str, reps: int = 7) -> dict:
     tenths) and at least 5% faster than going without it: timings on a busy machine are noisy, a
     compiled worker pays for compiling at every cold start, and a frozen one pays for tracing and
     freezing again at every restart (AOTAutograd's cache skips frozen graphs). The compiled pass
-    is timed in every layout and freezing left open: the layout that is faster eager is not always
-    the faster compiled. Every option is built and compiled first, then all are timed in the same
-    interleaved rounds.
+    is built in one layout only, frozen and not where freezing is left open: compiled, the two
+    layouts come within 2% of each other on every model measured (docs/performance.md, "The
+    compiled pass"), below the 5% a choice needs, and each compile costs the archive seconds to a
+    minute on a CPU. The layout compiled is the faster eager one (a quick first timing of the two,
+    where channels-last is left open). Every option is then built and compiled first, and all
+    (both eager layouts too) are timed in the same interleaved rounds, which alone decide.
 
     Returns:
         ``config.speed.tuning``: the device, batch, images/s per option and the choice.
@@ -93,8 +96,14 @@ def tune(model, config, batch_size: int, device: str, reps: int = 7) -> dict:
         engines["channels_last"] = engine(True)
     options = {}  # compiled option -> (channels_last, frozen)
     if config.speed.compile != "off":
+        layouts = choices(config.speed.channels_last)
+        if len(layouts) > 1:  # the layout to compile in: the faster eager one
+            quick, _ = _time_passes(engines, pixels, classes, 3)
+            layouts = (quick["channels_last"] >= quick["eager"],)
+            logger.info("  eager: %s img/s NCHW, %s channels-last: compiling %s", round(quick["eager"], 1),
+                        round(quick["channels_last"], 1), "channels-last" if layouts[0] else "NCHW")
         freezes = choices(config.speed.compile_freeze) if config.speed.compile_backend == "inductor" else (False,)
-        for layout, frozen in itertools.product(choices(config.speed.channels_last), freezes):
+        for layout, frozen in itertools.product(layouts, freezes):
             key = "compiled" + ("_channels_last" if layout else "") + ("_frozen" if frozen else "")
             candidate = engine(layout)
             candidate.batched_targets = False

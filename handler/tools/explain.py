@@ -7,6 +7,8 @@ a file named on the command line is always sent, whatever its name, so a broken 
 
 stdout gets one tab-separated line per photo, in the order answers arrive:
   PATH <tab> ok    <tab> TOP-1 LABEL <tab> PROBABILITY <tab> LATENCY ms
+     (with --quality, one more column: the first map's faithfulness, e.g. "kept 0.82 removed 0.11":
+     the class's confidence with only the map's top region kept, and with that region removed)
   PATH <tab> error <tab> HTTP STATUS (- when there was no answer) <tab> WHAT WENT WRONG
 (--jsonl prints one JSON object per photo instead). stderr gets the progress bar (when stderr is
 a terminal and there are many photos, or with --progress) and a summary.
@@ -41,6 +43,10 @@ examples:
   .venv/bin/gradcam-explain photos/ --topk 3 --cam-classes top2 --cam-method gradcam++ \\
       --outputs heatmap,overlay --out results/ --concurrency 8
 
+  # each map's faithfulness score (one more forward pass on the server), attention maps on a ViT
+  .venv/bin/gradcam-explain photos/ --quality
+  .venv/bin/gradcam-explain photos/ --model my_vit --cam-method chefer
+
   # maps only (small JSON, no pictures), machine-readable lines
   .venv/bin/gradcam-explain photos/ --outputs map --jsonl > results.jsonl
 
@@ -66,6 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from handler.tools.camclient import Client, Fatal, Result, token_attached
+from handler.vocab import REQUEST_METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -194,7 +201,12 @@ def line(result: Result, photo: Path) -> str:
     clean = str(photo).replace("\t", " ")
     if result.ok:
         label, probability = _label_probability(result.body)
-        return f"{clean}\tok\t{label}\t{probability:.4f}\t{result.latency_ms:.0f} ms"
+        text = f"{clean}\tok\t{label}\t{probability:.4f}\t{result.latency_ms:.0f} ms"
+        cams = (result.body or {}).get("cams") or [{}]
+        quality = cams[0].get("quality")
+        if quality:
+            text += f"\tkept {quality['kept_confidence']:.2f} removed {quality['removed_confidence']:.2f}"
+        return text
     status = "-" if result.status is None else str(result.status)
     return f"{clean}\terror\t{status}\t" + " ".join(str(result.error).split())
 
@@ -251,6 +263,8 @@ def _fields(args: argparse.Namespace, method: str | None, outputs: list[str]) ->
         fields["cam_classes"] = args.cam_classes
     if method is not None:
         fields["cam_method"] = method
+    if args.quality:
+        fields["quality"] = "true"
     return fields
 
 
@@ -404,7 +418,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts.add_argument("--topk", type=_positive, default=None, help="predictions to return (server default 5)")
     opts.add_argument("--cam-classes", default=None,
                       help="top1, topN, none, or a comma list of class ids/labels, e.g. '285,tabby' (default top1)")
-    opts.add_argument("--cam-method", choices=CAM_METHODS, default=None, help="CAM method (default gradcam)")
+    opts.add_argument("--cam-method", choices=REQUEST_METHODS, default=None,
+                      help="CAM method (default gradcam; chefer: attention maps, timm ViT/DeiT/Eva archives)")
+    opts.add_argument("--quality", action="store_true",
+                      help="ask for each map's faithfulness score (the server runs one more forward pass); "
+                           "the line gets the first map's kept and removed confidence")
     opts.add_argument("--outputs", type=_outputs, default=["map", "overlay"],
                       help="comma list of map, heatmap, overlay (default: map,overlay; map stays in the JSON)")
     run_group = p.add_argument_group("run")
