@@ -15,7 +15,9 @@ import io
 import json
 import time
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,9 +45,21 @@ VIT160 = BY_KEY["vit160"]
 CNN = replace(BY_KEY["convnext"], key="convnext_192x256", size=(192, 256), grid=(6, 8),
               archive_args=("--input-size", "192", "256", "--labels", "none"))
 ROWS = [VIT160 if f.key == "vit" else CNN if f.key == "convnext" else f for f in FAMILIES]
-# Archived by a process of its own (torch and timm imported once for these) while this process
-# archives the others: two archivers on two cores.
-_OWN_PROCESS = ("maxvit", "swin", "tv_vit")
+# Two TorchServes of four models each. A server creates its models' venvs one after another
+# (seconds of one core each) before their workers load: the server of the four archives this
+# process builds starts while another process (torch and timm imported once for its four) is
+# still archiving the others for the second server.
+_OWN_PROCESS = ("tv_vit", "swin", "maxvit", "levit")
+
+
+class _Servers:
+    """The family servers as one: each model is asked of the server that loaded it."""
+
+    def __init__(self) -> None:
+        self.by_model: dict[str, LocalServer] = {}
+
+    def predict(self, model: str, **kwargs):
+        return self.by_model[model].predict(model, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +69,9 @@ def family_models() -> dict[str, torch.nn.Module]:
 
 
 @pytest.fixture(scope="module")
-def family_store(tmp_path_factory, family_models):
-    """One archive per served model, built by handler/tools/archive.py's main with no --target-layer."""
+def family_server(tmp_path_factory, family_models):
+    """One archive per served model, built by handler/tools/archive.py's main with no
+    --target-layer, and the TorchServes that serve them."""
     store = tmp_path_factory.mktemp("family_store")
     weights = tmp_path_factory.mktemp("family_weights")
     jobs = []
@@ -67,26 +82,44 @@ def family_store(tmp_path_factory, family_models):
         jobs.append((f.key, ["-q", "--export-path", str(store), "--model", f.source, "--model-kwargs",
                              json.dumps(kwargs), "--weights", str(path), "--name", f.key, *classes,
                              *f.archive_args, *EAGER]))
+    groups = ([key for key, _ in jobs if key not in _OWN_PROCESS], list(_OWN_PROCESS))
     started = time.monotonic()
+    servers = _Servers()
+    starting: list[tuple[LocalServer, Future]] = []
+    pool = ThreadPoolExecutor(2)
+
+    def serve(keys: list[str], done: dict) -> None:
+        for key in keys:
+            assert done[key].returncode == 0, f"archiving {key} failed:\n{done[key].stderr}"
+        server = LocalServer(store, [f"{key}.mar" for key in keys], tmp_path_factory.mktemp("family_server"))
+        starting.append((server, pool.submit(server.start)))
+        servers.by_model.update(dict.fromkeys(keys, server))
+
     batch = start_batch([job for job in jobs if job[0] in _OWN_PROCESS], weights / "jobs.json")
     try:
-        done = {key: run_main(argv) for key, argv in jobs if key not in _OWN_PROCESS}
-    except BaseException:
-        batch.kill()
-        batch.communicate()
-        raise
-    done.update(finish_batch(batch))
-    assert set(done) == {f.key for f in ROWS}
-    for key, result in done.items():
-        assert result.returncode == 0, f"archiving {key} failed:\n{result.stderr}"
-    print(f"\n{len(ROWS)} family archives built in {time.monotonic() - started:.0f}s")
-    return store
+        serve(groups[0], {key: run_main(argv) for key, argv in jobs if key in groups[0]})
+        serve(groups[1], finish_batch(batch))
+        print(f"\n{len(ROWS)} family archives built in {time.monotonic() - started:.0f}s")
+        for _, future in starting:
+            future.result()
+        print(f"{len(ROWS)} models served in {time.monotonic() - started:.0f}s")
+        yield servers
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+            batch.communicate()
+        for server, future in starting:
+            try:
+                future.result()
+            except Exception:  # raised above; start() has stopped it
+                pass
+            server.stop()
+        pool.shutdown()
 
 
 @pytest.fixture(scope="module")
-def family_server(family_store, tmp_path_factory):
-    with LocalServer(family_store, [f"{f.key}.mar" for f in ROWS], tmp_path_factory.mktemp("family_server")) as srv:
-        yield srv
+def family_store(family_server) -> Path:
+    return next(iter(family_server.by_model.values())).model_store
 
 
 # --------------------------------------------------------------------------- helpers
