@@ -12,6 +12,18 @@ import pytest
 import torch
 import yaml
 from conftest import DATA, EAGER, photo, run_archiver
+from support.speedb_archiver import Done, run_main
+
+
+def _archiver(*args: str) -> Done:
+    """handler/tools/archive.py's ``main`` run in this process, as ``python -m
+    handler.tools.archive ARGS`` runs it (exit status, stdout, stderr; eager unless a test picks
+    ``--compile``, as ``run_archiver``): the same code path without a process that imports torch
+    and timm again for every check. The CLI as a process is tested by ``test_help_teaches_with_examples``
+    and ``test_parallel_builds_of_one_name_do_not_collide``."""
+    if not any(a.startswith(("--compile", "--channels-last", "--help")) for a in args):
+        args = (*args, *EAGER)
+    return run_main(list(args))
 
 
 @pytest.mark.server
@@ -72,7 +84,7 @@ def test_help_teaches_with_examples():
 
 
 def test_list_layers_prints_candidates_with_shapes():
-    done = run_archiver("--model", "torchvision:resnet18", "--list-layers")
+    done = _archiver("--model", "torchvision:resnet18", "--list-layers")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     (auto,) = [line for line in lines if line.endswith("<- auto")]
@@ -86,9 +98,9 @@ def tiny_weights(weights):
     return weights["tinynet"]
 
 
-def _tiny(tmp_path, *extra: str) -> subprocess.CompletedProcess:
-    return run_archiver("--model", f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3",
-                        "--input-size", "64", "--export-path", str(tmp_path), "--name", "tiny", *extra)
+def _tiny(tmp_path, *extra: str) -> Done:
+    return _archiver("--model", f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3",
+                     "--input-size", "64", "--export-path", str(tmp_path), "--name", "tiny", *extra)
 
 
 def test_wrong_target_layer_names_the_closest(tmp_path, tiny_weights):
@@ -99,8 +111,8 @@ def test_wrong_target_layer_names_the_closest(tmp_path, tiny_weights):
 
 
 def test_layer_the_score_does_not_depend_on_is_refused(tmp_path, weights):
-    done = run_archiver("--model", "torchvision:resnet18", "--num-classes", "10", "--weights",
-                        str(weights["resnet18"]), "--target-layer", "fc", "--export-path", str(tmp_path))
+    done = _archiver("--model", "torchvision:resnet18", "--num-classes", "10", "--weights",
+                     str(weights["resnet18"]), "--target-layer", "fc", "--export-path", str(tmp_path))
     assert done.returncode != 0 and "fc" in done.stderr
 
 
@@ -180,7 +192,7 @@ def test_nested_and_dataparallel_checkpoints_load(tmp_path, weights):
     # The session's resnet18_10 weights are nested under 'state_dict' with 'module.' prefixes.
     saved = torch.load(weights["resnet18"], weights_only=True)
     assert all(k.startswith("module.") for k in saved["state_dict"])
-    done = run_archiver("--model", "torchvision:resnet18", "--num-classes", "10", "--weights",
-                        str(weights["resnet18"]), "--export-path", str(tmp_path), "--name", "r")
+    done = _archiver("--model", "torchvision:resnet18", "--num-classes", "10", "--weights",
+                     str(weights["resnet18"]), "--export-path", str(tmp_path), "--name", "r")
     assert done.returncode == 0, done.stderr
     assert "target layer layer4, layout nchw 7x7" in done.stderr

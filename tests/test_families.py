@@ -13,64 +13,113 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 import time
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DATA, EAGER, ROOT
+from conftest import DATA, EAGER
 from PIL import Image
-from support.families import EXTRAS, FAMILIES, Family, pgc_maps, save_weights
+from support.families import BY_KEY, FAMILIES, Family, pgc_maps, save_weights
+from support.speedb_archiver import finish_batch, run_main, start_batch
 
 from devkit.tslocal import LocalServer
 
 pytestmark = pytest.mark.server
 
-ALL = FAMILIES + EXTRAS
-_PARALLEL = 3  # archiver processes at once (2 cores; each imports torch and builds a model)
+# Every model in a TorchServe costs seconds of CPU at each start (its venv, its worker importing
+# torch and timm), so two archives prove two things each:
+# - the timm ViT family row is served by vit160 (the same timm VisionTransformer, class token,
+#   automatic layer blocks.11.norm1, built for 160 px): tests/test_layouts.py proves the picker
+#   on the 224 px one, and every assertion of the row runs on vit160;
+# - the CNN at a non-square size (and topk vs topN, archives without labels) is the convnext
+#   family archived at 192x256 with --labels none: the convnext row (automatic stages.3) runs at
+#   6x8. A torchvision CNN's automatic layer4 is served by the session's resnet18_10
+#   (tests/test_archive.py).
+VIT160 = BY_KEY["vit160"]
+CNN = replace(BY_KEY["convnext"], key="convnext_192x256", size=(192, 256), grid=(6, 8),
+              archive_args=("--input-size", "192", "256", "--labels", "none"))
+ROWS = [VIT160 if f.key == "vit" else CNN if f.key == "convnext" else f for f in FAMILIES]
+# Two TorchServes of four models each. A server creates its models' venvs one after another
+# (seconds of one core each) before their workers load: the server of the four archives this
+# process builds starts while another process (torch and timm imported once for its four) is
+# still archiving the others for the second server.
+_OWN_PROCESS = ("tv_vit", "swin", "maxvit", "levit")
+
+
+class _Servers:
+    """The family servers as one: each model is asked of the server that loaded it."""
+
+    def __init__(self) -> None:
+        self.by_model: dict[str, LocalServer] = {}
+
+    def predict(self, model: str, **kwargs):
+        return self.by_model[model].predict(model, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def family_models() -> dict[str, torch.nn.Module]:
-    """Each family's seeded model, the very weights its archive carries."""
-    return {f.key: f.build() for f in ALL}
+    """Each served model, seeded: the very weights its archive carries."""
+    return {f.key: f.build() for f in ROWS}
 
 
 @pytest.fixture(scope="module")
-def family_store(tmp_path_factory, family_models):
-    """One archive per family, built by handler/tools/archive.py with no --target-layer."""
+def family_server(tmp_path_factory, family_models):
+    """One archive per served model, built by handler/tools/archive.py's main with no
+    --target-layer, and the TorchServes that serve them."""
     store = tmp_path_factory.mktemp("family_store")
     weights = tmp_path_factory.mktemp("family_weights")
     jobs = []
-    for f in ALL:
+    for f in ROWS:
         path = save_weights(family_models[f.key], weights / f"{f.key}.safetensors")
         kwargs = {k: v for k, v in f.kwargs.items() if k != "num_classes"}
         classes = ["--num-classes", str(f.kwargs["num_classes"])] if "num_classes" in f.kwargs else []
-        jobs.append((f.key, [sys.executable, "-m", "handler.tools.archive", "-q", "--export-path", str(store),
-                             "--model", f.source, "--model-kwargs", json.dumps(kwargs), "--weights", str(path),
-                             "--name", f.key, *classes, *f.archive_args, *EAGER]))
+        jobs.append((f.key, ["-q", "--export-path", str(store), "--model", f.source, "--model-kwargs",
+                             json.dumps(kwargs), "--weights", str(path), "--name", f.key, *classes,
+                             *f.archive_args, *EAGER]))
+    groups = ([key for key, _ in jobs if key not in _OWN_PROCESS], list(_OWN_PROCESS))
     started = time.monotonic()
-    running: list = []
-    while jobs or running:
-        while jobs and len(running) < _PARALLEL:
-            key, cmd = jobs.pop(0)
-            running.append((key, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                  text=True)))
-        key, proc = running.pop(0)
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"archiving {key} failed:\n{err}"
-    print(f"\n{len(ALL)} family archives built in {time.monotonic() - started:.0f}s")
-    return store
+    servers = _Servers()
+    starting: list[tuple[LocalServer, Future]] = []
+    pool = ThreadPoolExecutor(2)
+
+    def serve(keys: list[str], done: dict) -> None:
+        for key in keys:
+            assert done[key].returncode == 0, f"archiving {key} failed:\n{done[key].stderr}"
+        server = LocalServer(store, [f"{key}.mar" for key in keys], tmp_path_factory.mktemp("family_server"))
+        starting.append((server, pool.submit(server.start)))
+        servers.by_model.update(dict.fromkeys(keys, server))
+
+    batch = start_batch([job for job in jobs if job[0] in _OWN_PROCESS], weights / "jobs.json")
+    try:
+        serve(groups[0], {key: run_main(argv) for key, argv in jobs if key in groups[0]})
+        serve(groups[1], finish_batch(batch))
+        print(f"\n{len(ROWS)} family archives built in {time.monotonic() - started:.0f}s")
+        for _, future in starting:
+            future.result()
+        print(f"{len(ROWS)} models served in {time.monotonic() - started:.0f}s")
+        yield servers
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+            batch.communicate()
+        for server, future in starting:
+            try:
+                future.result()
+            except Exception:  # raised above; start() has stopped it
+                pass
+            server.stop()
+        pool.shutdown()
 
 
 @pytest.fixture(scope="module")
-def family_server(family_store, tmp_path_factory):
-    with LocalServer(family_store, [f"{f.key}.mar" for f in ALL], tmp_path_factory.mktemp("family_server")) as srv:
-        yield srv
+def family_store(family_server) -> Path:
+    return next(iter(family_server.by_model.values())).model_store
 
 
 # --------------------------------------------------------------------------- helpers
@@ -122,7 +171,7 @@ def _check_maps(body: dict, want: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- every family
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=[f.key for f in FAMILIES])
+@pytest.mark.parametrize("family", ROWS, ids=[f.key for f in ROWS])
 def test_family_is_served_with_its_automatic_layer(family_server, family_store, family_models, family):
     config = _handler_config(family_store, family.key)
     assert config["target_layer"] == family.layer, family.why
@@ -158,7 +207,7 @@ def test_family_is_served_with_its_automatic_layer(family_server, family_store, 
 def test_vit_at_160_letterboxed_maps_and_grid_box(family_server, family_store, family_models):
     """A ViT built for 160 px (10x10 patches; the input size comes from --model-kwargs), a
     160x96 photo letterboxed without resampling: the image covers grid rows 2..8."""
-    family = next(f for f in EXTRAS if f.key == "vit160")
+    family = VIT160
     config = _handler_config(family_store, "vit160")
     assert config["input_size"] == [160, 160] and config["resize"] == "letterbox" and config["labels"] == ""
     pixels = _photo(160, 96)
@@ -190,7 +239,7 @@ def test_vit_at_160_letterboxed_maps_and_grid_box(family_server, family_store, f
 
 
 def test_no_labels_means_class_ids(family_server):
-    for model in ("vit160", "resnet_192x256"):
+    for model in (VIT160.key, CNN.key):
         r = family_server.predict(model, files={"image": ("cat.png", _png(_photo(64, 48)))})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -199,7 +248,7 @@ def test_no_labels_means_class_ids(family_server):
 
 
 def test_cnn_at_192x256(family_server, family_store, family_models):
-    family = next(f for f in EXTRAS if f.key == "resnet_192x256")
+    family = CNN
     config = _handler_config(family_store, family.key)
     assert config["input_size"] == [192, 256] and config["layout"] == "nchw"
     pixels = _photo(256, 192)
@@ -217,7 +266,7 @@ def test_cnn_at_192x256(family_server, family_store, family_models):
 
 def test_topk_smaller_than_a_top_n_cam_request(family_server, family_store, family_models):
     """topk=1 with cam_classes=top3: one prediction, and maps for the three best classes."""
-    family = next(f for f in EXTRAS if f.key == "resnet_192x256")
+    family = CNN
     config = _handler_config(family_store, family.key)
     pixels = _photo(256, 192)
     r = family_server.predict(family.key, files={"image": ("cat.png", _png(pixels))},
