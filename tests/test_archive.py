@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import DATA, EAGER, photo, run_archiver
-from support.speedb_archiver import Done, run_main
+from support.archiver_main import Done, run_main
 
 
 def _archiver(*args: str) -> Done:

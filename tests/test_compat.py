@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 from conftest import DEFAULT, EAGER, ROOT, peak, photo, readme_blocks
-from support.speedb_archiver import run_main
+from support.archiver_main import run_main
 
 from devkit.tslocal import LocalServer
 from handler.deps import read_requirements

@@ -25,8 +25,8 @@ import torch
 import yaml
 from conftest import DATA, EAGER
 from PIL import Image
+from support.archiver_main import finish_batch, run_main, start_batch
 from support.families import BY_KEY, FAMILIES, Family, pgc_maps, save_weights
-from support.speedb_archiver import finish_batch, run_main, start_batch
 
 from devkit.tslocal import LocalServer
 

@@ -1,7 +1,7 @@
 """handler/tools/archive.py's real ``main(argv)``, run for several command lines by one process
 (torch and timm imported once), or in the test process with the CLI's streams and exit status.
 
-As a script: ``python tests/support/speedb_archiver.py JOBS.json`` with a JSON list of
+As a script: ``python tests/support/archiver_main.py JOBS.json`` with a JSON list of
 ``[name, argv]`` pairs runs each ``argv`` in turn (from the repo root, as ``python -m
 handler.tools.archive ARGV`` would) and prints one JSON line per job: ``{"name", "rc",
 "stderr", "seconds"}``. It stops at nothing: every job runs and reports.
