@@ -15,7 +15,8 @@ import timm
 import torch
 import torchvision
 import yaml
-from conftest import DATA, EAGER, run_archiver
+from conftest import DATA, EAGER
+from support.archiver_main import run_main
 from support.families import Family
 
 from handler.layouts import Layout, ModelHints, auto_target, probe_layers, token_parameters
@@ -65,7 +66,8 @@ def test_torchvision_model_archives_with_model_and_weights_only(tmp_path):
     """The issue's case, as a user runs it: 1000 columns, so 1000 classes and ImageNet's labels."""
     torch.manual_seed(0)
     weights = _save(torchvision.models.resnet18(), tmp_path / "resnet18.pth")
-    done = run_archiver("--model", "torchvision:resnet18", "--weights", weights, "--export-path", str(tmp_path))
+    done = run_main(["--model", "torchvision:resnet18", "--weights", str(weights), "--export-path", str(tmp_path),
+                     *EAGER])
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     with zipfile.ZipFile(tmp_path / "resnet18.mar") as mar:
@@ -160,7 +162,7 @@ def test_a_headless_architecture_with_a_head_checkpoint_archives(tmp_path, caplo
 
 
 def test_list_layers_of_a_headless_model_says_so():
-    done = run_archiver("--model", "timm:eva02_tiny_patch14_224", "--list-layers")
+    done = run_main(["--model", "timm:eva02_tiny_patch14_224", "--list-layers"])
     assert done.returncode == 2 and "has no classifier head" in done.stderr and "Traceback" not in done.stderr
 
 

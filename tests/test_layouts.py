@@ -11,7 +11,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import run_archiver
+from support.archiver_main import run_main
 from support.families import BY_KEY, FAMILIES, Family, pgc_maps
 from torch import nn
 
@@ -435,7 +435,7 @@ def test_dry_run_refuses_a_constant_map():
 
 
 def test_list_layers_cli_shows_layout_grid_and_dead_layers():
-    done = run_archiver("--model", "timm:deit_tiny_distilled_patch16_224", "--list-layers")
+    done = run_main(["--model", "timm:deit_tiny_distilled_patch16_224", "--list-layers"])
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith(("blocks", "norm"))}
     assert rows["blocks.11.norm1"][1:] == ["(1,", "198,", "192)", "nlc", "+2", "14x14", "ok", "<-", "auto"]
@@ -445,6 +445,6 @@ def test_list_layers_cli_shows_layout_grid_and_dead_layers():
 
 
 def test_archiver_layout_flags_are_checked():
-    done = run_archiver("--model", "timm:vit_tiny_patch16_224", "--list-layers", "--layout", "nchw",
-                        "--prefix-tokens", "1")
+    done = run_main(["--model", "timm:vit_tiny_patch16_224", "--list-layers", "--layout", "nchw",
+                     "--prefix-tokens", "1"])
     assert done.returncode == 2 and "prefix tokens apply to the nlc layout, not nchw" in done.stderr
