@@ -1,13 +1,17 @@
 """The compiled serve path: maps equal the eager engine's, every batch size served without a
 recompile after load, and a worker that cannot compile serves eager.
 
-Compiling costs seconds per graph on a CPU: each test compiles only the batch sizes it uses,
-at a small input size.
+Compiling costs seconds per graph on a CPU (a C++ build each): each test compiles only the batch
+sizes it uses, at a small input size, with small models where the architecture's size proves
+nothing. The tests share one inductor cache in a temporary folder (:func:`kernel_cache`, never the
+user's ~/.cache), so a graph that several tests compile alike (TinyNet at 64 px in the handler,
+the archiver and TorchServe) is built once; the tests about the cache itself use fresh folders.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -35,13 +39,39 @@ pytestmark = pytest.mark.compile
 SIZE = 96
 
 
+@pytest.fixture(scope="module", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """The inductor cache of every compile in this module, in-process and in the processes it
+    starts (archiver, TorchServe and its workers inherit the environment): a fresh temporary
+    folder, the default one (``$XDG_CACHE_HOME/gradcam-serve/inductor``) as well as inductor's.
+    Restored afterwards: CompiledPass sets TORCHINDUCTOR_CACHE_DIR for its process."""
+    home = tmp_path_factory.mktemp("xdg_cache")
+    folder = home / "gradcam-serve" / "inductor"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(home))
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
+        yield folder
+
+
 def _model(arch: str, x: torch.Tensor) -> torch.nn.Module:
+    """A seeded model, its batch norms calibrated on ``x``. ``resnet10`` and ``mobilenet_v2_short``
+    are resnet18 and mobilenet_v2 with fewer of the same blocks (one BasicBlock per stage; four
+    inverted-residual stages, depthwise convolutions and the 1280-channel last conv kept):
+    inductor on a CPU spends seconds per block compiling, and the maps' equality with eager does
+    not depend on the depth."""
     import timm
     import torchvision
 
     torch.manual_seed(0)
     if arch.startswith("timm:"):
         model = timm.create_model(arch[5:], pretrained=False, num_classes=20)
+    elif arch == "resnet10":
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=20)
+    elif arch == "mobilenet_v2_short":
+        model = torchvision.models.mobilenet_v2(weights=None, num_classes=20, inverted_residual_setting=[
+            [1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 2, 2], [6, 64, 1, 2]])
     else:
         model = torchvision.models.get_model(arch, weights=None, num_classes=20)
     return _calibrated(model, x)
@@ -81,8 +111,8 @@ def test_compiled_maps_of_the_default_model_on_photos_equal_eager_within_1e_5():
 
 
 @pytest.mark.parametrize("arch, layer, batch_mode, freeze", [
-    ("resnet18", "layer4", "buckets", True), ("mobilenet_v2", "features", "dynamic", True),
-    ("resnet18", "layer4", "buckets", False),
+    ("resnet10", "layer4", "buckets", True), ("mobilenet_v2_short", "features", "dynamic", True),
+    ("resnet10", "layer4", "buckets", False),
 ])
 def test_compiled_maps_equal_eager_for_every_method_and_several_classes(arch, layer, batch_mode, freeze):
     """Both passes are compared with the exact maps (the eager pass in float64). The compiled
@@ -122,19 +152,20 @@ def test_a_frozen_and_an_unfrozen_model_of_one_class_in_one_process_each_run_the
     must compile (and run) frozen graphs of its own whichever was compiled first, and neither may
     run graphs that hold the other's weights: the two models here have different weights."""
     from torch._dynamo.utils import counters
+    from torchvision.models.resnet import BasicBlock, ResNet
 
-    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
-    import torchvision
-
-    models = {"unfrozen": _model("resnet18", x)}
+    # Three images in a bucket of 4, at the maps test's size: inductor's cache holds these graphs
+    # from there (dynamo's frames, which this test is about, are per process and reset below).
+    x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    models = {"unfrozen": _model("resnet10", x)}
     torch.manual_seed(1)
-    models["frozen"] = _calibrated(torchvision.models.resnet18(num_classes=20), x)
+    models["frozen"] = _calibrated(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=20), x)
     order = [first, "frozen" if first == "unfrozen" else "unfrozen"]
-    torch._dynamo.reset()  # no graphs of earlier tests' resnet18s
+    torch._dynamo.reset()  # no graphs of earlier tests' ResNets
     passes = {}
     for name in order:
         engine = CamEngine(copy.deepcopy(models[name]), "layer4", input_size=(SIZE, SIZE), batched_targets=False)
-        CompiledPass(engine, batch_size=2, freeze=name == "frozen")
+        CompiledPass(engine, batch_size=4, freeze=name == "frozen")
         folded = counters["inductor"]["binary_folding_conv"]
         graphs = counters["stats"]["unique_graphs"]
         passes[name] = engine.forward(x)
@@ -158,6 +189,8 @@ def test_compiled_maps_of_token_and_channels_last_layouts_equal_eager(key):
     from support.families import BY_KEY, _photos
 
     family = BY_KEY[key]
+    if key == "vit":  # two blocks, not twelve: the class token and the nested layer are the same
+        family = dataclasses.replace(family, kwargs={"depth": 2}, layer="blocks.1.norm1")
     model = family.build()
     x = _photos(family.size)[:3]
     eager = CamEngine(copy.deepcopy(model), "auto", input_size=family.size, batched_targets=False)
@@ -180,9 +213,31 @@ def test_compiled_maps_of_token_and_channels_last_layouts_equal_eager(key):
     assert compiled_error <= max(1e-5, 2 * eager_error), (compiled_error, eager_error)
 
 
+def _worker(model_dir, gpu: int | None = None, batch_size: int = 8, **handler):  # noqa: F811
+    """test_handler's TinyNet worker, with TorchServe's batchSize ``batch_size``."""
+    from test_handler import _config
+    from ts.context import Context
+
+    from handler.service import GradCamHandler
+
+    config = {**_config(**handler), "batchSize": batch_size}
+    manifest = {"model": {"modelName": "tinynet", "serializedFile": "model.safetensors"}}
+    context = Context("tinynet", str(model_dir), manifest, batch_size, gpu, "0.12.0", model_yaml_config=config)
+    service = GradCamHandler()
+    service.initialize(context)
+    return service, context
+
+
+# The CPU workers below take batches of up to 4 (buckets 1/2/4: the sizes of
+# _answers_as_eager_in_batches_of_1_to_4), channels-last: the layout the archive served by a real
+# TorchServe below uses, so that its worker and the archiver's timing find these graphs in the
+# module's cache instead of compiling them again.
+CPU_WORKER = {"batch_size": 4, "channels_last": "on"}
+
+
 def _compiled_handler(model_dir, caplog, gpu: int | None = None, **handler):  # noqa: F811
     with caplog.at_level(logging.INFO):
-        return _handler(model_dir, gpu, compile="on", compile_start="load", **handler)
+        return _worker(model_dir, gpu, compile="on", compile_start="load", **handler)
 
 
 def _answers_as_eager_in_batches_of_1_to_4(eager, compiled) -> None:
@@ -210,27 +265,68 @@ def _answers_as_eager_in_batches_of_1_to_4(eager, compiled) -> None:
                     assert abs(gc["quality"]["kept_confidence"] - wc["quality"]["kept_confidence"]) < 1e-3
 
 
-def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load(model_dir, tmp_path,  # noqa: F811
+def test_a_compiled_worker_answers_as_the_eager_one_with_no_compiling_after_load(model_dir, kernel_cache,  # noqa: F811
                                                                               caplog):
     from torch._dynamo.utils import counters
 
-    eager, eager_context = _handler(model_dir)
-    service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(tmp_path / "inductor"),
-                                         compile_freeze="on")
+    eager, eager_context = _worker(model_dir, **CPU_WORKER)
+    before = dict(counters["inductor"])
+    service, context = _compiled_handler(model_dir, caplog, compile_cache_dir=str(kernel_cache),
+                                         compile_freeze="on", **CPU_WORKER)
     compiled = service.pipeline.compiled
-    assert compiled is not None and compiled.sizes == (1, 2, 4, 8) and compiled.frozen
+    assert compiled is not None and compiled.sizes == (1, 2, 4) and compiled.frozen
     assert ("compiled model_src/model.py:TinyNet (inductor, default mode, backbone frozen) for batch sizes "
-            "1/2/4/8") in caplog.text
-    assert any((tmp_path / "inductor").iterdir())  # the cache a restarted worker finds
+            "1/2/4") in caplog.text
+    # The cache a restarted worker finds: every graph (the backbone and the head at least, per
+    # batch size) looked up in the configured folder, none left out of it.
+    looked_up = sum(counters["inductor"][k] - before.get(k, 0) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss"))
+    assert looked_up >= 2 * len(compiled.sizes), dict(counters["inductor"])
+    assert counters["inductor"]["fxgraph_cache_bypass"] == before.get("fxgraph_cache_bypass", 0)
+    assert compiled.cache == str(kernel_cache) and any(kernel_cache.iterdir())
     frames_after_load = counters["stats"]["unique_graphs"]
     _answers_as_eager_in_batches_of_1_to_4((eager, eager_context), (service, context))
     assert counters["stats"]["unique_graphs"] == frames_after_load, "a batch size compiled after load"
     assert "new graph(s) after load" not in caplog.text
     # TorchServe never hands over more than batchSize requests; if anything did compile anew,
     # the worker says so.
-    statuses, _ = _batch(service, context, [{"body": _png()}] * 9)
-    assert statuses == [200] * 9
-    assert "a batch of 9 compiled" in caplog.text
+    statuses, _ = _batch(service, context, [{"body": _png()}] * 5)
+    assert statuses == [200] * 5
+    assert "a batch of 5 compiled" in caplog.text
+
+
+def test_a_compiled_worker_serves_eager_from_the_first_batch_then_switches_between_batches(
+        model_dir, kernel_cache, caplog, monkeypatch):  # noqa: F811
+    """compile_start: background (the default): ready at once; batches answered while the model
+    compiles equal the eager worker's exactly; once every batch size is compiled the next batch
+    runs compiled (same classes, maps within 2e-3); no batch fails on the way. The compile waits
+    for the test's go (graphs cached by earlier tests could otherwise finish before any batch)."""
+    import handler.pipeline
+
+    go = threading.Event()
+
+    class HeldBack(CompiledPass):
+        def warm_up(self, run):
+            assert go.wait(300)
+            return super().warm_up(run)
+
+    monkeypatch.setattr(handler.pipeline, "CompiledPass", HeldBack)
+    eager = _worker(model_dir, **CPU_WORKER)
+    with caplog.at_level(logging.INFO):
+        compiled = _worker(model_dir, compile="on", compile_cache_dir=str(kernel_cache), **CPU_WORKER)
+        pipeline = compiled[0].pipeline
+        assert pipeline.compiling is not None and pipeline.compiled is None
+        items = [{"body": _png()}, {"image": _png((40, 90)), "cam_classes": "top2"}, {"body": b"not an image"}]
+        want = _batch(*eager, items)
+        for _ in range(3):  # the eager engine, while the compiled one waits: the very same answers
+            assert _batch(*compiled, items) == want
+        go.set()
+        while pipeline.compiling.is_alive():  # batches keep coming while it compiles, and at the switch
+            status, _ = _batch(*compiled, items)
+            assert status == want[0]
+        pipeline.compiling.join(600)
+    assert pipeline.compiled is not None and pipeline.compiled.active
+    assert "switched to the compiled model" in caplog.text
+    _answers_as_eager_in_batches_of_1_to_4(eager, compiled)
 
 
 def test_a_restarted_frozen_worker_finds_every_graph_in_inductors_cache(model_dir, tmp_path):  # noqa: F811
@@ -302,54 +398,6 @@ def test_a_worker_that_cannot_compile_serves_eager_after_one_warning(model_dir, 
     torch._dynamo.reset()
 
 
-@pytest.mark.server
-def test_a_compiled_archive_serves_the_same_answers_on_a_real_server(server, weights, tmp_path):
-    """TinyNet archived with --compile on and served by a real TorchServe next to the session's
-    eager TinyNet: same classes and maps, every batch size from graphs compiled at load. (The
-    default model's compiled maps are checked in-process above; compiling its four batch
-    buckets takes minutes on a 2-core CI machine.)"""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import yaml
-    from conftest import DATA, run_archiver
-
-    from devkit.tslocal import LocalServer
-
-    store = tmp_path / "store"
-    run_archiver("-q", "--export-path", str(store), "--name", "tinynet_compiled", "--compile", "on",
-                 "--compile-start", "load", "--channels-last", "on", "--compile-cache-dir", str(tmp_path / "inductor"),
-                 "--model", f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3",
-                 "--weights", str(weights["tinynet"]), "--labels", str(DATA / "tinynet" / "index_to_name.json"),
-                 "--input-size", "64", check=True)
-    with __import__("zipfile").ZipFile(store / "tinynet_compiled.mar") as mar:
-        config = yaml.safe_load(mar.read("model-config.yaml"))
-    handler = config["handler"]
-    assert config["startupTimeout"] == 600 and handler["compile"] == "on" and handler["channels_last"] == "on"
-    # compile and layout given, freezing left to the archiver: it timed both, and chose
-    speeds = handler["tuning"]["images_per_s"]
-    assert set(speeds) == {"eager", "compiled_channels_last", "compiled_channels_last_frozen"}
-    frozen = speeds["compiled_channels_last_frozen"] >= 1.05 * speeds["compiled_channels_last"]
-    assert handler["compile_freeze"] == ("on" if frozen else "off")
-    images = [_png(), _png((40, 90)), _png((120, 60), (20, 200, 20))]
-    with LocalServer(store, ["tinynet_compiled.mar"], tmp_path / "server") as compiled:
-        log = (compiled.workdir / "logs" / "model_log.log").read_text()
-        assert "for batch sizes 1/2/4/8" in log and "torch.compile failed" not in log
-        for image in images:
-            fields = {"cam_classes": "top2", "outputs": "map", "cam_method": "xgradcam"}
-            want = server.predict("tinynet", files={"image": ("x.png", image)}, data=fields).json()
-            got = compiled.predict("tinynet_compiled", files={"image": ("x.png", image)}, data=fields).json()
-            assert [p["class_id"] for p in got["predictions"]] == [p["class_id"] for p in want["predictions"]]
-            for g, w in zip(got["cams"], want["cams"], strict=True):
-                np.testing.assert_allclose(g["map"], w["map"], atol=2e-3)
-        with ThreadPoolExecutor(11) as pool:  # batches of several sizes
-            answers = list(pool.map(lambda i: compiled.predict(
-                "tinynet_compiled", files={"image": ("x.png", images[i % 3])}), range(11)))
-        assert [r.status_code for r in answers] == [200] * 11
-        assert max(r.json()["batch_size"] for r in answers) > 1
-        log = (compiled.workdir / "logs" / "model_log.log").read_text()
-        assert "new graph(s) after load" not in log and "torch.compile failed" not in log
-
-
 def test_the_archiver_resolves_auto_by_timing_and_writes_down_what_it_measured(weights, tmp_path):
     """--compile, --channels-last and --compile-freeze auto: the archive records the measured
     images/s and map differences of every option, and the choice follows from them (correct, and
@@ -389,6 +437,56 @@ def test_the_archiver_resolves_auto_by_timing_and_writes_down_what_it_measured(w
     assert config["startupTimeout"] == (600 if best else 120)
     assert (f"compile {handler['compile']}, channels_last {handler['channels_last']}, "
             f"compile_freeze {handler['compile_freeze']}") in done.stderr
+
+
+@pytest.mark.server
+def test_a_compiled_archive_serves_the_same_answers_on_a_real_server(server, weights, tmp_path, kernel_cache):
+    """TinyNet archived with --compile on and served by a real TorchServe next to the session's
+    eager TinyNet: same classes and maps, every batch size from graphs compiled at load. (The
+    default model's compiled maps are checked in-process above; compiling its four batch
+    buckets takes minutes on a 2-core CI machine.) Batches of up to 4 (buckets 1/2/4), in the
+    module's kernel cache: the in-process workers above compiled these graphs (channels-last,
+    frozen and not), and the worker's load finds them there as a restarted worker would."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+    from conftest import DATA, run_archiver
+
+    from devkit.tslocal import LocalServer
+
+    store = tmp_path / "store"
+    run_archiver("-q", "--export-path", str(store), "--name", "tinynet_compiled", "--compile", "on",
+                 "--compile-start", "load", "--channels-last", "on", "--compile-cache-dir", str(kernel_cache),
+                 "--model", f"{DATA / 'tinynet' / 'model.py'}:TinyNet", "--num-classes", "3",
+                 "--weights", str(weights["tinynet"]), "--labels", str(DATA / "tinynet" / "index_to_name.json"),
+                 "--input-size", "64", "--batch-size", "4", check=True)
+    with __import__("zipfile").ZipFile(store / "tinynet_compiled.mar") as mar:
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    handler = config["handler"]
+    assert config["startupTimeout"] == 600 and handler["compile"] == "on" and handler["channels_last"] == "on"
+    # compile and layout given, freezing left to the archiver: it timed both, and chose
+    speeds = handler["tuning"]["images_per_s"]
+    assert set(speeds) == {"eager", "compiled_channels_last", "compiled_channels_last_frozen"}
+    frozen = speeds["compiled_channels_last_frozen"] >= 1.05 * speeds["compiled_channels_last"]
+    assert handler["compile_freeze"] == ("on" if frozen else "off")
+    images = [_png(), _png((40, 90)), _png((120, 60), (20, 200, 20))]
+    with LocalServer(store, ["tinynet_compiled.mar"], tmp_path / "server") as compiled:
+        log = (compiled.workdir / "logs" / "model_log.log").read_text()
+        assert "for batch sizes 1/2/4 " in log and "torch.compile failed" not in log
+        for image in images:
+            fields = {"cam_classes": "top2", "outputs": "map", "cam_method": "xgradcam"}
+            want = server.predict("tinynet", files={"image": ("x.png", image)}, data=fields).json()
+            got = compiled.predict("tinynet_compiled", files={"image": ("x.png", image)}, data=fields).json()
+            assert [p["class_id"] for p in got["predictions"]] == [p["class_id"] for p in want["predictions"]]
+            for g, w in zip(got["cams"], want["cams"], strict=True):
+                np.testing.assert_allclose(g["map"], w["map"], atol=2e-3)
+        with ThreadPoolExecutor(11) as pool:  # batches of several sizes
+            answers = list(pool.map(lambda i: compiled.predict(
+                "tinynet_compiled", files={"image": ("x.png", images[i % 3])}), range(11)))
+        assert [r.status_code for r in answers] == [200] * 11
+        assert max(r.json()["batch_size"] for r in answers) > 1
+        log = (compiled.workdir / "logs" / "model_log.log").read_text()
+        assert "new graph(s) after load" not in log and "torch.compile failed" not in log
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -442,41 +540,6 @@ def test_a_gpu_worker_with_cuda_graphs_answers_as_the_eager_gpu_worker(model_dir
     assert "new graph(s) after load" not in caplog.text
 
 
-def test_a_compiled_worker_serves_eager_from_the_first_batch_then_switches_between_batches(
-        model_dir, tmp_path, caplog, monkeypatch):  # noqa: F811
-    """compile_start: background (the default): ready at once; batches answered while the model
-    compiles equal the eager worker's exactly; once every batch size is compiled the next batch
-    runs compiled (same classes, maps within 2e-3); no batch fails on the way. The compile waits
-    for the test's go (graphs cached by earlier tests could otherwise finish before any batch)."""
-    import handler.pipeline
-
-    go = threading.Event()
-
-    class HeldBack(CompiledPass):
-        def warm_up(self, run):
-            assert go.wait(300)
-            return super().warm_up(run)
-
-    monkeypatch.setattr(handler.pipeline, "CompiledPass", HeldBack)
-    eager = _handler(model_dir)
-    with caplog.at_level(logging.INFO):
-        compiled = _handler(model_dir, compile="on", compile_cache_dir=str(tmp_path / "inductor"))
-        pipeline = compiled[0].pipeline
-        assert pipeline.compiling is not None and pipeline.compiled is None
-        items = [{"body": _png()}, {"image": _png((40, 90)), "cam_classes": "top2"}, {"body": b"not an image"}]
-        want = _batch(*eager, items)
-        for _ in range(3):  # the eager engine, while the compiled one waits: the very same answers
-            assert _batch(*compiled, items) == want
-        go.set()
-        while pipeline.compiling.is_alive():  # batches keep coming while it compiles, and at the switch
-            status, _ = _batch(*compiled, items)
-            assert status == want[0]
-        pipeline.compiling.join(600)
-    assert pipeline.compiled is not None and pipeline.compiled.active
-    assert "switched to the compiled model" in caplog.text
-    _answers_as_eager_in_batches_of_1_to_4(eager, compiled)
-
-
 _WORKER = r"""
 import json, logging, sys
 from pathlib import Path
@@ -491,16 +554,35 @@ print(json.dumps({"compiled": pipeline.compiled is not None, "hits": counters["i
 """
 
 
-def _new_pod_worker(folder: Path, root: Path) -> tuple[dict, str]:
-    """A worker compiling ``folder`` at load in a new process with a fresh HOME, TMPDIR and cache."""
+def _new_pod_worker(folder: Path, root: Path) -> tuple[subprocess.Popen, Path]:
+    """A worker compiling ``folder`` at load in a new process with a fresh HOME, TMPDIR and cache,
+    started and not waited for; its output goes to files in ``root`` (:func:`_pod_answer`)."""
     for sub in ("home", "tmp", "cache"):
         (root / sub).mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), XDG_CACHE_HOME=str(root / "cache"))
-    done = subprocess.run([sys.executable, "-c", _WORKER, str(folder), str(DATA / "chelsea.jpg")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+    with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:
+        pod = subprocess.Popen([sys.executable, "-c", _WORKER, str(folder), str(DATA / "chelsea.jpg")], cwd=ROOT,
+                               env=env, stdout=out, stderr=err)
+    return pod, root
+
+
+def _pod_answers(pods: list[tuple[subprocess.Popen, Path]]) -> list[tuple[dict, str]]:
+    """Each :func:`_new_pod_worker`'s answer (what it printed) and log, once all have exited."""
+    try:
+        for pod, _ in pods:
+            pod.wait(timeout=600)
+    finally:
+        for pod, _ in pods:
+            if pod.poll() is None:
+                pod.kill()
+                pod.wait()
+    answers = []
+    for pod, root in pods:
+        log = (root / "stderr").read_text()
+        assert pod.returncode == 0, log[-3000:]
+        answers.append((json.loads((root / "stdout").read_text().strip().splitlines()[-1]), log))
+    return answers
 
 
 def test_shipped_kernels_load_where_they_fit_and_are_refused_with_one_line_where_not(tmp_path):
@@ -523,12 +605,17 @@ def test_shipped_kernels_load_where_they_fit_and_are_refused_with_one_line_where
     assert key["torch"] == torch.__version__ and key["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
     assert any((folder / KERNELS).rglob("*.so"))
 
-    shipped, log = _new_pod_worker(folder, tmp_path / "pod1")
+    # The same archive but for its key: kernels built for another torch version.
+    other = tmp_path / "tiny_other_torch"
+    shutil.copytree(folder, other)
+    (other / KEY_FILE).write_text(json.dumps({**key, "torch": "2.0.0"}))
+    # Two new pods at once: separate processes, each with its own fresh HOME, TMPDIR and cache.
+    pods = [_new_pod_worker(folder, tmp_path / "pod1"), _new_pod_worker(other, tmp_path / "pod2")]
+    (shipped, log), (refused, refused_log) = _pod_answers(pods)
     assert shipped["compiled"] and "installed" in log and "shipped compiled kernel files" in log
     assert shipped["hits"] > 0 and shipped["misses"] == 0, shipped
 
-    (folder / KEY_FILE).write_text(json.dumps({**key, "torch": "2.0.0"}))
-    refused, log = _new_pod_worker(folder, tmp_path / "pod2")
+    log = refused_log
     lines = [line for line in log.splitlines() if "shipped compiled kernels not used" in line]
     assert len(lines) == 1 and f"built for torch 2.0.0; this worker has torch {torch.__version__}" in lines[0]
     assert refused["compiled"] and refused["hits"] == 0 and refused["misses"] > 0, refused
