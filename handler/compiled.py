@@ -25,9 +25,29 @@ from handler.buckets import bucket_for, bucket_sizes, pad_batch
 from handler.cam import LeafCapture
 from handler.vocab import COMPILE_BATCH_MODES, SWITCHES
 
-__all__ = ["CHOICES", "BATCH_MODES", "bucket_sizes", "bucket_for", "pad_batch", "cache_dir", "CompiledPass"]
+__all__ = ["CHOICES", "BATCH_MODES", "bucket_sizes", "bucket_for", "pad_batch", "cache_dir", "CompiledPass",
+           "prime_tracing"]
 
 logger = logging.getLogger(__name__)
+
+
+def prime_tracing() -> None:
+    """Make, on this thread and now, the one ``torch.fx.symbolic_trace`` inductor runs on its first
+    compile in a process (``InterpreterShim._dummy_gm``, then cached).
+
+    While it traces, ``torch.fx`` patches ``nn.Module.__call__`` for the whole process: an eager
+    forward that another thread runs at that moment fails with ``NameError: module is not
+    installed as a submodule``. A worker that compiles in the background while its eager model
+    serves therefore makes that trace before it serves: under load during a cold background
+    compile, a batch of 8 failed with 500s that way.
+    """
+    try:
+        from torch._inductor.loop_body import InterpreterShim
+
+        InterpreterShim._dummy_gm()
+    except Exception as exc:  # another torch: nothing to prime here, or a different name
+        logger.info("no torch.fx trace to make before compiling in the background (%s: %s)",
+                    type(exc).__name__, exc)
 
 CHOICES = SWITCHES
 BATCH_MODES = COMPILE_BATCH_MODES

@@ -39,7 +39,7 @@ from handler.cam import (
     to_uint8,
     upsample_maps,
 )
-from handler.compiled import CompiledPass, cache_dir
+from handler.compiled import CompiledPass, cache_dir, prime_tracing
 from handler.config import ServeConfig
 from handler.errors import DeviceOutOfMemory, HandlerError, InvalidOption, ModelFailure, ResponseTooLarge, error_body
 from handler.host import tune_malloc
@@ -242,6 +242,8 @@ class Pipeline:
             if config.speed.compile_start == "load" or graphs:
                 self.compiled = self._compile(self.engine, batch, warm)
             else:
+                if config.speed.compile_backend == "inductor":
+                    prime_tracing()  # its process-wide fx trace must not meet a served eager forward
                 self.compiling = threading.Thread(target=self._compile_in_background, args=(batch, warm),
                                                   name="gradcam-compile", daemon=True)
                 self.compiling.start()

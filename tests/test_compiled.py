@@ -626,3 +626,20 @@ def test_shipped_kernels_load_where_they_fit_and_are_refused_with_one_line_where
     assert len(lines) == 1 and f"built for torch 2.0.0; this worker has torch {torch.__version__}" in lines[0]
     assert refused["compiled"] and refused["hits"] == 0 and refused["misses"] > 0, refused
     assert refused["body"] == shipped["body"]  # the same answers, with or without shipped kernels
+
+
+def test_a_background_compile_makes_no_process_wide_fx_trace_once_primed(tmp_path):
+    """torch.fx's symbolic trace patches nn.Module.__call__ for the whole process while it runs, so
+    an eager forward served meanwhile by another thread fails ("module is not installed as a
+    submodule": 8 requests got 500s under load during a cold background compile). Inductor makes
+    one such trace per process, on its first compile; the pipeline makes it before compiling in the
+    background (handler.compiled.prime_tracing). A cold compile in a fresh process makes it
+    without the priming, and none after it."""
+    traces = {}
+    for mode in ("no-prime", "prime"):
+        done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "fx_traces.py"), mode,
+                               str(tmp_path / mode)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        traces[mode] = json.loads(done.stdout.strip().splitlines()[-1])["plain_traces"]
+    assert len(traces["no-prime"]) == 1 and "_dummy_gm" in traces["no-prime"][0], traces
+    assert traces["prime"] == [], traces
