@@ -58,6 +58,14 @@ def _bound(port: int) -> int | None:
         return s.getsockname()[1]
 
 
+def _port_slot() -> tuple[int, int]:
+    """(this process's residue, the modulus) for :func:`free_port`: (0, 1) outside pytest-xdist."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 0:
+        return int(worker[2:]) % int(count), int(count)
+    return 0, 1
+
+
 def free_port() -> int:
     """A TCP port that is free on loopback right now, never the same one twice in a process.
 
@@ -68,10 +76,17 @@ def free_port() -> int:
     So the port is drawn at random from the 10000 ports below that range, where only listeners
     go, and checked by binding it; the kernel's choice is the fallback for an unusual or crowded
     range.
+
+    Processes that pick ports side by side (``make test`` runs two pytest workers) each draw from
+    their own residue class: two of them could otherwise pick one port within a JVM's start-up.
+    The worker's number and the count come from ``PYTEST_XDIST_WORKER`` (``gw0``, ``gw1``...) and
+    ``PYTEST_XDIST_WORKER_COUNT``.
     """
     low = _ephemeral_low()
     rng = random.SystemRandom()
-    below = [rng.randrange(low - 10000, low) for _ in range(200)] if low > 11024 else []
+    slot, slots = _port_slot()
+    below = ([p for p in (rng.randrange(low - 10000, low) for _ in range(400)) if p % slots == slot][:200]
+             if low > 11024 else [])
     for wanted in itertools.chain(below, itertools.repeat(0)):  # endless: returns from inside
         port = _bound(wanted)
         if port is not None and port not in _issued:

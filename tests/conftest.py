@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
+
+# Several torch processes share the cores while the suite runs (make test's two pytest workers,
+# the servers' workers, background compiles). OpenMP threads that spin while they wait at a
+# barrier burn the cores the others need: two 2-thread processes on 2 cores run at half the
+# throughput they have with passive waiting. Set before torch loads OpenMP; inherited by every
+# process the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -85,10 +96,63 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     return make_weights(tmp_path_factory.mktemp("weights"))
 
 
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder of this test run that every pytest-xdist worker of the run sees under one path
+    (``make test`` runs two): the run's base temporary folder, above each worker's own."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@contextmanager
+def built_once(folder: Path):
+    """Yield True to the one process of the run that must build ``folder``'s contents, False to
+    the others, which wait under the lock until it has (or fail if its build failed)."""
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (folder / ".failed").exists():
+                pytest.fail(f"building {folder} failed in another pytest worker")
+            if (folder / ".done").exists():
+                yield False
+                return
+            try:
+                yield True
+            except BaseException:
+                (folder / ".failed").touch()
+                raise
+            (folder / ".done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# The order make test's two workers take the test files in: the longest first, so that neither
+# is left with a long file at the end (measured cold, docs/development.md); the rest follow in
+# their own order.
+LONGEST_FIRST = ("test_compiled.py", "test_readme.py", "test_deploy.py", "test_families.py", "test_archive.py",
+                 "test_compat.py", "test_protocols.py", "test_explain.py", "test_kserve.py",
+                 "test_ground_truth.py", "test_loadtest.py", "test_layouts.py", "test_cam.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order is kept
+
+
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory, weights) -> Path:
-    """The default archive plus one per model source, built in parallel by the archiver."""
-    store = tmp_path_factory.mktemp("model_store")
+    """The default archive plus one per model source, built in parallel by the archiver, once
+    per test run (the first pytest worker to need them builds them; the others wait)."""
+    store = shared_dir(tmp_path_factory, "model_store")
+    with built_once(store) as build:
+        if build:
+            _build_model_store(store, weights)
+    return store
+
+
+def _build_model_store(store: Path, weights: dict[str, Path]) -> None:
     builds = {
         DEFAULT: [],
         "resnet18_10": ["--model", "torchvision:resnet18", "--num-classes", "10",
@@ -110,7 +174,6 @@ def model_store(tmp_path_factory, weights) -> Path:
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"building {name} failed:\n{err}"
-    return store
 
 
 @pytest.fixture(scope="session")

@@ -635,11 +635,20 @@ def test_a_background_compile_makes_no_process_wide_fx_trace_once_primed(tmp_pat
     one such trace per process, on its first compile; the pipeline makes it before compiling in the
     background (handler.compiled.prime_tracing). A cold compile in a fresh process makes it
     without the priming, and none after it."""
+    runs = {mode: subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "fx_traces.py"), mode,
+                                    str(tmp_path / mode)], cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+            for mode in ("no-prime", "prime")}  # side by side: two cold compiles in fresh processes
     traces = {}
-    for mode in ("no-prime", "prime"):
-        done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "fx_traces.py"), mode,
-                               str(tmp_path / mode)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        traces[mode] = json.loads(done.stdout.strip().splitlines()[-1])["plain_traces"]
+    try:
+        for mode, run in runs.items():
+            out, err = run.communicate(timeout=600)
+            assert run.returncode == 0, err[-3000:]
+            traces[mode] = json.loads(out.strip().splitlines()[-1])["plain_traces"]
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.wait()
     assert len(traces["no-prime"]) == 1 and "_dummy_gm" in traces["no-prime"][0], traces
     assert traces["prime"] == [], traces
