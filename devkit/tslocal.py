@@ -77,7 +77,7 @@ def free_port() -> int:
     go, and checked by binding it; the kernel's choice is the fallback for an unusual or crowded
     range.
 
-    Processes that pick ports side by side (``make test`` runs two pytest workers) each draw from
+    Processes that pick ports side by side (pytest-xdist workers: ``pytest -n 2``) each draw from
     their own residue class: two of them could otherwise pick one port within a JVM's start-up.
     The worker's number and the count come from ``PYTEST_XDIST_WORKER`` (``gw0``, ``gw1``...) and
     ``PYTEST_XDIST_WORKER_COUNT``.
@@ -85,7 +85,7 @@ def free_port() -> int:
     low = _ephemeral_low()
     rng = random.SystemRandom()
     slot, slots = _port_slot()
-    below = ([p for p in (rng.randrange(low - 10000, low) for _ in range(400)) if p % slots == slot][:200]
+    below = ([low - 10000 + slot + slots * rng.randrange(10000 // slots) for _ in range(200)]
              if low > 11024 else [])
     for wanted in itertools.chain(below, itertools.repeat(0)):  # endless: returns from inside
         port = _bound(wanted)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-# Several torch processes share the cores while the suite runs (make test's two pytest workers,
+# Several torch processes share the cores while the suite runs (pytest-xdist workers,
 # the servers' workers, background compiles). OpenMP threads that spin while they wait at a
 # barrier burn the cores the others need: two 2-thread processes on 2 cores run at half the
 # throughput they have with passive waiting. Set before torch loads OpenMP; inherited by every
@@ -98,7 +98,7 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
 def shared_dir(tmp_path_factory, name: str) -> Path:
     """A folder of this test run that every pytest-xdist worker of the run sees under one path
-    (``make test`` runs two): the run's base temporary folder, above each worker's own."""
+    (``pytest -n 2``): the run's base temporary folder, above each worker's own."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     folder = root / name
@@ -128,9 +128,9 @@ def built_once(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-# The order make test's two workers take the test files in: the longest first, so that neither
-# is left with a long file at the end (measured cold, docs/development.md); the rest follow in
-# their own order.
+# The order pytest-xdist workers (pytest -n 2 --dist loadfile --no-loadscope-reorder) take the test
+# files in: the longest first, so that neither is left with a long file at the end (measured cold,
+# docs/log.md); the rest follow in their own order.
 LONGEST_FIRST = ("test_compiled.py", "test_readme.py", "test_deploy.py", "test_families.py", "test_archive.py",
                  "test_compat.py", "test_protocols.py", "test_explain.py", "test_kserve.py",
                  "test_ground_truth.py", "test_loadtest.py", "test_layouts.py", "test_cam.py")
