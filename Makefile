@@ -10,9 +10,9 @@ serve-kserve:  ## the default model on KServe's own model server: REST 127.0.0.1
 stop:  ## stop the servers `make serve` and `make serve-kserve` started
 	scripts/ops/stop.sh
 
-test:  ## set up (venv, pinned packages, Java) and run every test
+test:  ## set up (venv, pinned packages, Java) and run every test, in two processes
 	scripts/ops/bootstrap.sh test
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast:  ## the unit tier: no server, no compiling (a few minutes)
 	scripts/ops/bootstrap.sh test

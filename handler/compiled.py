@@ -4,7 +4,7 @@
 hook makes the activation a leaf, so the backbone below the layer, which runs with grad off,
 compiles as an inference graph (optionally frozen: weights folded in as constants) and the head
 above it as a forward-and-backward graph that ``torch.autograd.grad`` runs. The maps
-equal the eager engine's (tests/test_compiled.py).
+equal the eager engine's (tests/test_compiled*.py).
 
 TorchServe hands the handler batches of 1..``batchSize`` requests. Each new batch size would
 recompile, so the batch is either padded to a few bucket sizes (powers of two up to

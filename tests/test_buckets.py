@@ -1,5 +1,5 @@
 """Batch buckets of the compiled runner and the config switches that turn compiling on (no
-compiling here: tests/test_compiled.py compiles)."""
+compiling here: tests/test_compiled*.py compile)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ fails these tests with a message saying so rather than skipping them.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import re
@@ -597,28 +598,61 @@ def test_metrics_the_autoscaler_reads(pod):
 
 
 @pytest.mark.server
+def _half_sent(url: str, path: str, files: dict) -> tuple[socket.socket, bytes]:
+    """A multipart request whose headers and first half of body are sent, and the rest of the body
+    (to send later): a request in flight for as long as the test holds it, as a slow client's
+    upload is, whatever the cores' speed."""
+    prepared = requests.Request("POST", url + path, files=files).prepare()
+    host, port = url.split("//")[1].split(":")
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {prepared.headers['Content-Type']}\r\n"
+            f"Content-Length: {len(prepared.body)}\r\nConnection: close\r\n\r\n").encode()
+    half = len(prepared.body) // 2
+    conn = socket.create_connection((host, int(port)), timeout=120)
+    conn.sendall(head + prepared.body[:half])
+    return conn, prepared.body[half:]
+
+
+def _finish(conn: socket.socket, rest: bytes) -> tuple[int, dict]:
+    """Send the rest of a :func:`_half_sent` request; its status and JSON body, read by the length
+    the response gives (TorchServe keeps the connection open after it)."""
+    with conn:
+        conn.sendall(rest)
+        response = http.client.HTTPResponse(conn)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
 def test_sigterm_drains_requests_in_flight(pod):
     """SIGTERM to the entry point: every request already sent is answered, then TorchServe stops.
-    (TorchServe 0.12 alone drops them: its shutdown hook closes connections at once.)"""
+    (TorchServe 0.12 alone drops them: its shutdown hook closes connections at once.)
+
+    One request is held in flight by the test itself: half its body sent before the SIGTERM, the
+    rest after it. So a request is in flight at the signal however fast or busy the machine is
+    (24 parallel requests alone raced the poll: on busy cores all could be answered before it).
+    The 24 still go out at the same time, queued in the workers at the signal."""
     image = photo("astronaut.jpg")
+    files = {"image": ("a.jpg", image), "outputs": "overlay,heatmap"}
 
     def one(_):
-        files = {"image": ("a.jpg", image), "outputs": "overlay,heatmap"}
         try:
             return requests.post(pod.url + "/predictions/efficientnet_lite0", files=files, timeout=120).status_code
         except requests.RequestException as exc:
             return type(exc).__name__
 
+    held, rest = _half_sent(pod.url, "/predictions/efficientnet_lite0", {"image": ("cat.jpg", photo("chelsea.jpg"))})
     with ThreadPoolExecutor(24) as pool:
         futures = [pool.submit(one, i) for i in range(24)]
-        deadline = time.monotonic() + 60  # a poll: on as soon as 8 are in
-        while int(_entrypoint(pod, "inflight").stdout or 0) < 8 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # the held request counts as soon as the server has read its start
+        while (in_flight := int(_entrypoint(pod, "inflight").stdout or 0)) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        in_flight = int(_entrypoint(pod, "inflight").stdout)
         java = pod.frontend_pid()
         os.kill(pod.proc.pid, signal.SIGTERM)
+        time.sleep(1.5)  # the entry point drains: TorchServe still runs, and takes the rest of the body
+        assert pod.proc.poll() is None, "the entry point stopped with a request in flight"
+        status, answer = _finish(held, rest)
         statuses = Counter(f.result() for f in futures)
     assert in_flight >= 1
+    assert status == 200 and answer["predictions"][0]["class_id"] in CAT_CLASSES, answer
     assert pod.proc.wait(timeout=60) == 0
     assert statuses == {200: 24}
     assert java is not None and not Path(f"/proc/{java}").exists()  # TorchServe itself stopped
