@@ -66,7 +66,10 @@ if "cert" in settings:
 print("\n".join(args))
 PYEOF
 )
-    if .venv/bin/uv pip install -q --python .venv/bin/python "${args[@]}" -r "$1"; then
+    # --compile-bytecode: the .pyc files, written once here. uv writes none by default (pip does),
+    # and where PYTHONDONTWRITEBYTECODE is set no process writes them later either: every process
+    # would compile torch's, torchvision's and timm's sources again at import, 7 CPU-s each.
+    if .venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python "${args[@]}" -r "$1"; then
       return 0
     fi
     say "uv could not install them: installing with pip"
