@@ -78,7 +78,7 @@ PYEOF
 }
 
 if ! cmp -s "$REQ.new" "$REQ"; then
-  say "installing pinned packages into .venv (torch installs from local wheels here: 20 s with uv, a minute with pip)"
+  say "installing pinned packages into .venv (under a minute with uv here, bytecode included; a few minutes with pip)"
   install_pins "$REQ.new"
   mv "$REQ.new" "$REQ"
 else
