@@ -597,7 +597,6 @@ def test_metrics_the_autoscaler_reads(pod):
     assert re.search(r'^GradcamBatches\{.*BatchSize="1".*\} ', text, re.M)
 
 
-@pytest.mark.server
 def _half_sent(url: str, path: str, files: dict) -> tuple[socket.socket, bytes]:
     """A multipart request whose headers and first half of body are sent, and the rest of the body
     (to send later): a request in flight for as long as the test holds it, as a slow client's
@@ -622,6 +621,7 @@ def _finish(conn: socket.socket, rest: bytes) -> tuple[int, dict]:
         return response.status, json.loads(response.read())
 
 
+@pytest.mark.server
 def test_sigterm_drains_requests_in_flight(pod):
     """SIGTERM to the entry point: every request already sent is answered, then TorchServe stops.
     (TorchServe 0.12 alone drops them: its shutdown hook closes connections at once.)
