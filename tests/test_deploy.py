@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -602,18 +603,18 @@ def _half_sent(url: str, path: str, files: dict) -> tuple[socket.socket, bytes]:
     (to send later): a request in flight for as long as the test holds it, as a slow client's
     upload is, whatever the cores' speed."""
     prepared = requests.Request("POST", url + path, files=files).prepare()
-    host, port = url.split("//")[1].split(":")
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {prepared.headers['Content-Type']}\r\n"
-            f"Content-Length: {len(prepared.body)}\r\nConnection: close\r\n\r\n").encode()
+    address = urlsplit(url)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: {prepared.headers['Content-Type']}\r\n"
+            f"Content-Length: {len(prepared.body)}\r\n\r\n").encode()
     half = len(prepared.body) // 2
-    conn = socket.create_connection((host, int(port)), timeout=120)
+    conn = socket.create_connection((address.hostname, address.port), timeout=120)
     conn.sendall(head + prepared.body[:half])
     return conn, prepared.body[half:]
 
 
 def _finish(conn: socket.socket, rest: bytes) -> tuple[int, dict]:
     """Send the rest of a :func:`_half_sent` request; its status and JSON body, read by the length
-    the response gives (TorchServe keeps the connection open after it)."""
+    the response gives (the connection stays open after it)."""
     with conn:
         conn.sendall(rest)
         response = http.client.HTTPResponse(conn)

@@ -54,5 +54,3 @@ def best_classes(model, x, rows):
     with torch.no_grad():
         ranked = model(x).argsort(dim=1, descending=True)
     return torch.tensor([int(ranked[r, rows[:i].count(r)]) for i, r in enumerate(rows)])
-
-
