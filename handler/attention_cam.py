@@ -9,9 +9,18 @@ average pooling) at the patch tokens, on the patch grid.
 The probabilities ``A_b`` exist only on the unfused attention path. Everything else serves with
 fused attention (``F.scaled_dot_product_attention``): a batch is split (:func:`batch_pass`), the
 requests that ask for an attention method run in a pass of their own with the attention modules
-switched to the unfused path and a hook on each ``attn_drop`` (whose output is the probability
-matrix), and both go back when the pass ends. The modules, the prefix tokens, the grid and the
-readout are found once, when the model loads (:func:`attention_explainer`).
+switched to an unfused path, and they go back when the pass ends:
+
+- timm (ViT, DeiT, Eva): each module's ``fused_attn`` off and a hook on its ``attn_drop``, whose
+  output is the probability matrix;
+- torchvision's ViT: its ``nn.MultiheadAttention`` modules never hand out probabilities a gradient
+  can reach (``need_weights=False``, and with weights on they return a copy off the graph), so
+  each one's ``forward`` is, for the pass, :func:`_explicit_attention`: the same projections and
+  softmax written out, with the probabilities kept. At load a dry pass checks that this path
+  gives the model's own logits.
+
+The modules, the prefix tokens, the grid and the readout are found once, when the model loads
+(:func:`attention_explainer`).
 
 A compiled model (:mod:`handler.compiled`) keeps its graphs: the attention pass runs its eager
 module, which the compiled graphs never see switched or hooked.
@@ -21,12 +30,14 @@ Nothing here imports TorchServe or PIL.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from handler.cam import device_index, eager_module
@@ -43,6 +54,9 @@ __all__ = [
 ]
 
 _ROW_SUM_TOL = 1e-3  # attention rows are probabilities: they sum to 1
+# torchvision's explicit attention path against the model's own logits, relative to their range
+_LOGITS_TOL = 1e-3
+_LOGITS_TOL_HALF = 5e-2  # under bf16/fp16 autocast
 
 
 def chefer_maps(attentions: Sequence[Tensor], grads: Sequence[Tensor], readout: Tensor, prefix: int,
@@ -81,6 +95,42 @@ class _Plan:
     prefix: int
     grid: tuple[int, int]
     readout: tuple[float, ...]  # weight of each token in the head's read-out
+    kind: str = "timm"  # "timm": fused_attn and attn_drop; "torchvision": nn.MultiheadAttention
+
+
+def _explicit_attention(module: nn.MultiheadAttention, store: list[Tensor], query: Tensor, key: Tensor,
+                        value: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                        attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                        is_causal: bool = False) -> tuple[Tensor, None]:
+    """``module``'s self-attention (batch first) written out, its ``(N, heads, T, T)`` probabilities
+    appended to ``store`` on the autograd graph: what ``nn.MultiheadAttention`` computes in eval
+    mode, in the order ``F.multi_head_attention_forward`` does (packed in-projection, scaled
+    ``q k^T``, softmax, ``@ v``, out-projection). Bound to a module for one pass only."""
+    if key_padding_mask is not None or attn_mask is not None or is_causal:
+        raise RuntimeError("attention masks are not supported on the explicit attention path")
+    if query is not key or key is not value:
+        raise RuntimeError("the explicit attention path computes self-attention only")
+    batch, tokens, width = query.shape
+    heads = module.num_heads
+    qkv = F.linear(query, module.in_proj_weight, module.in_proj_bias)
+    q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = (q * (width // heads) ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1)
+    store.append(probs)
+    out = (probs @ v).transpose(1, 2).reshape(batch, tokens, width)
+    return module.out_proj(out), None
+
+
+def _explicit_refusal(module: nn.Module) -> str:
+    """Why ``module`` cannot take :func:`_explicit_attention` ("" when it can)."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return f"{type(module).__name__} is not an nn.MultiheadAttention"
+    if not module.batch_first:
+        return "it is not batch_first"
+    if not module._qkv_same_embed_dim or module.in_proj_weight is None:
+        return "its query, key and value have separate projections"
+    if module.bias_k is not None or module.add_zero_attn:
+        return "it adds key/value biases or a zero attention slot"
+    return ""
 
 
 class AttentionPass:
@@ -159,7 +209,11 @@ class AttentionExplainer:
 
     @contextmanager
     def _unfused(self, model: nn.Module, store: list[Tensor]) -> Iterator[None]:
-        """The attention modules on their unfused path, each ``attn_drop`` output kept; both undone."""
+        """The attention modules on their unfused path, their probabilities kept; undone after."""
+        if self.plan.kind == "torchvision":
+            with self._explicit(model, store):
+                yield
+            return
         modules = self._modules(model)
         flags = [m.fused_attn for m in modules]
         handles = []
@@ -177,6 +231,19 @@ class AttentionExplainer:
                 handle.remove()
             for m, flag in zip(modules, flags, strict=True):
                 m.fused_attn = flag
+
+    @contextmanager
+    def _explicit(self, model: nn.Module, store: list[Tensor]) -> Iterator[None]:
+        """torchvision: each ``nn.MultiheadAttention`` runs :func:`_explicit_attention` (an
+        instance attribute, which ``nn.Module.__call__`` finds first), removed after."""
+        modules = self._modules(model)
+        try:
+            for m in modules:
+                m.forward = functools.partial(_explicit_attention, m, store)
+            yield
+        finally:
+            for m in modules:
+                m.__dict__.pop("forward", None)
 
     def forward(self, engine, x: Tensor) -> AttentionPass:
         """One forward of ``engine``'s eager model with the probabilities on the graph.
@@ -220,53 +287,95 @@ def _readout(model: nn.Module, prefix: int, tokens: int) -> tuple[tuple[float, .
     return tuple(weights), ""
 
 
-def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[AttentionExplainer | None, str]:
-    """The attention explainer of an engine's model, or None and why the model has none.
-
-    Supported: timm's VisionTransformer family (ViT, DeiT, register tokens) and Eva, with class
-    token or average pooling, whose grid is the engine's. One dry forward at load checks that
-    every block hands its ``attn_drop`` a ``(N, heads, T, T)`` probability matrix.
-    """
-    model = eager_module(engine.model)
-    name = type(model).__name__
-    if _is_torchvision_vit(model):
-        return None, ("torchvision's VisionTransformer computes attention in nn.MultiheadAttention with "
-                      "need_weights=False, so its probabilities never exist; serve a timm ViT for "
-                      f"{'/'.join(ATTENTION_METHODS)}")
+def _timm_modules(model: nn.Module, name: str) -> tuple[list[str], str]:
+    """The names of a timm ViT/Eva's attention modules, one per block, or [] and why not."""
     blocks = getattr(model, "blocks", None)
-    prefix = getattr(model, "num_prefix_tokens", None)
-    if not isinstance(blocks, nn.Module) or not isinstance(prefix, int) or not len(blocks):
-        return None, (f"{'/'.join(ATTENTION_METHODS)} explains a transformer through its attention, and {name} "
-                      "has no timm ViT/Eva attention blocks; use a gradient method (gradcam...)")
+    if not isinstance(blocks, nn.Module) or not isinstance(getattr(model, "num_prefix_tokens", None), int) \
+            or not len(blocks):
+        return [], (f"{'/'.join(ATTENTION_METHODS)} explains a transformer through its attention, and {name} "
+                    "has no timm ViT/Eva or torchvision ViT attention blocks; use a gradient method (gradcam...)")
     names = []
     blocks_name = next(n for n, m in model.named_modules() if m is blocks)
     for i, block in enumerate(blocks):
         found = [n for n, m in block.named_modules() if hasattr(m, "fused_attn") and isinstance(
             getattr(m, "attn_drop", None), nn.Module)]
         if len(found) != 1:
-            return None, f"block {i} of {name} has {len(found)} timm attention modules, not one"
+            return [], f"block {i} of {name} has {len(found)} timm attention modules, not one"
         names.append(f"{blocks_name}.{i}.{found[0]}".replace("..", ".").rstrip("."))
+    return names, ""
+
+
+def _torchvision_modules(model: nn.Module, name: str) -> tuple[list[str], str]:
+    """The names of a torchvision ViT's ``nn.MultiheadAttention`` modules, one per encoder layer,
+    or [] and why not."""
+    layers = getattr(getattr(model, "encoder", None), "layers", None)
+    if not isinstance(layers, nn.Module) or not len(layers):
+        return [], f"{name} has no encoder.layers to read attention from"
+    layers_name = next(n for n, m in model.named_modules() if m is layers)
+    names = []
+    for i, (child, layer) in enumerate(layers.named_children()):
+        found = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        if len(found) != 1:
+            return [], f"encoder layer {i} of {name} has {len(found)} nn.MultiheadAttention modules, not one"
+        why = _explicit_refusal(found[0][1])
+        if why:
+            return [], f"the attention of encoder layer {i} of {name} cannot be read: {why}"
+        names.append(f"{layers_name}.{child}.{found[0][0]}".rstrip("."))
+    return names, ""
+
+
+def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[AttentionExplainer | None, str]:
+    """The attention explainer of an engine's model, or None and why the model has none.
+
+    Supported: timm's VisionTransformer family (ViT, DeiT, register tokens) and Eva, with class
+    token or average pooling, and torchvision's VisionTransformer, whose grid is the engine's. One
+    dry forward at load checks that every block hands over a ``(N, heads, T, T)`` probability
+    matrix, and on torchvision's that the explicit attention path gives the model's own logits.
+    """
+    model = eager_module(engine.model)
+    name = type(model).__name__
+    torchvision = _is_torchvision_vit(model)
+    names, why = (_torchvision_modules if torchvision else _timm_modules)(model, name)
+    if not names:
+        return None, why
     hints = ModelHints.from_model(model, engine.input_size)
-    grid = hints.token_grid
+    grid, prefix = hints.token_grid, 1 if torchvision else model.num_prefix_tokens
     if grid is None:
         return None, f"the patch grid of {name} cannot be told at {engine.input_size}"
     if tuple(grid) != tuple(engine.layout.grid):
         return None, (f"the target layer's grid {engine.layout.grid} is not the patch grid {grid}: the maps of "
                       "one answer must share a grid")
     tokens = prefix + grid[0] * grid[1]
-    readout, why = _readout(model, prefix, tokens)
+    # torchvision's head reads the class token (x[:, 0]).
+    readout, why = ((1.0,) + (0.0,) * (tokens - 1), "") if torchvision else _readout(model, prefix, tokens)
     if readout is None:
         return None, f"{name}: {why}"
-    plan = _Plan(tuple(names), prefix, (int(grid[0]), int(grid[1])), readout)
+    plan = _Plan(tuple(names), prefix, (int(grid[0]), int(grid[1])), readout,
+                 "torchvision" if torchvision else "timm")
     explainer = AttentionExplainer(plan, engine.batched_targets if batched_targets is None else batched_targets)
+    example = engine.example()
+    if torchvision:  # a seeded non-constant input: zeros would make every patch token alike
+        noise = torch.randn(example.shape, generator=torch.Generator().manual_seed(0))
+        example = noise.to(example.device, example.dtype).contiguous(memory_format=engine.memory_format)
     try:
-        probe = explainer.forward(engine, engine.example())
+        probe = explainer.forward(engine, example)
     except RuntimeError as exc:
-        return None, f"{name}'s attention modules do not hand their probabilities to attn_drop ({exc})"
+        where = "nn.MultiheadAttention modules" if torchvision else "attention modules"
+        return None, f"{name}'s {where} do not hand over their probabilities ({exc})"
     for a in probe.attentions:
         if a.dim() != 4 or a.shape[-2:] != (tokens, tokens) or not torch.allclose(
                 a.detach().float().sum(dim=-1), torch.ones((), device=a.device), atol=_ROW_SUM_TOL):
-            return None, f"{name}'s attn_drop does not receive ({tokens} x {tokens}) attention probabilities"
+            return None, f"{name}'s attention modules do not hold ({tokens} x {tokens}) attention probabilities"
+    if torchvision:
+        with torch.inference_mode(), torch.autocast(example.device.type, dtype=engine.autocast,
+                                                    enabled=engine.autocast is not None):
+            own = model(example).float()
+        got = probe.logits.detach().float()
+        scale = float(own.amax() - own.amin()) or 1.0
+        tolerance = _LOGITS_TOL if engine.autocast is None else _LOGITS_TOL_HALF
+        if got.shape != own.shape or float((got - own).abs().max()) > tolerance * scale:
+            return None, (f"{name}'s encoder layers do not use their nn.MultiheadAttention as torchvision's "
+                          "EncoderBlock does: the explicit attention path changes the logits")
     return explainer, ""
 
 

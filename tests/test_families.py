@@ -2,7 +2,8 @@
 automatic layer, layout and grid in the archive and the response, and maps equal to
 pytorch-grad-cam's computed in-process on the same pixels. End to end as well: a ViT at 160 px
 letterboxed (maps and ``grid_box`` against a reference), a CNN at 192x256, ``topk`` smaller
-than a ``topN`` CAM request, and archives without labels.
+than a ``topN`` CAM request, archives without labels, and ``chefer`` on timm's and torchvision's
+ViT against the paper's rollout.
 
 Images are sent as PNGs at the model's input size (or letterboxed without resampling), so that
 the reference sees exactly the served pixels.
@@ -11,6 +12,7 @@ the reference sees exactly the served pixels.
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import time
@@ -26,6 +28,7 @@ import yaml
 from conftest import DATA, EAGER
 from PIL import Image
 from support.archiver_main import finish_batch, run_main, start_batch
+from support.attention import chefer_reference, timm_twin
 from support.families import BY_KEY, FAMILIES, Family, pgc_maps, save_weights
 
 from devkit.tslocal import LocalServer
@@ -152,20 +155,18 @@ def _model_input(pixels: np.ndarray, config: dict) -> torch.Tensor:
 def _reference(family: Family, model: torch.nn.Module, x: torch.Tensor, classes, method: str = "gradcam"):
     """pytorch-grad-cam's low-res map per class for one image (a copy of the model: its backward
     fills .grad)."""
-    import copy
-
     twin = copy.deepcopy(model)
     layer = dict(twin.named_modules())[family.layer]
     batch = x.expand(len(classes), -1, -1, -1)
     return pgc_maps(twin, layer, batch, torch.as_tensor(classes), [method], family.pgc_reshape())[method]
 
 
-def _check_maps(body: dict, want: torch.Tensor) -> None:
+def _check_maps(body: dict, want: torch.Tensor, atol: float = 6e-4) -> None:
     got = torch.tensor([cam["map"] for cam in body["cams"]], dtype=torch.float64)
     assert got.shape == want.shape
     assert (want.flatten(1).amax(dim=1) > 0.99).all(), "reference maps must be non-trivial"
     # The response rounds to 3 decimals.
-    torch.testing.assert_close(got, want.double(), atol=6e-4, rtol=0)
+    torch.testing.assert_close(got, want.double(), atol=atol, rtol=0)
 
 
 # --------------------------------------------------------------------------- every family
@@ -199,6 +200,33 @@ def test_family_is_served_with_its_automatic_layer(family_server, family_store, 
     np.testing.assert_allclose([p["probability"] for p in body["predictions"]], top.values.numpy(), atol=1e-5)
     assert [c["class_id"] for c in body["cams"]] == top.indices[:2].tolist()
     _check_maps(body, _reference(family, model, x, top.indices[:2]))
+
+
+@pytest.mark.parametrize("key", ["vit160", "tv_vit"])
+def test_timm_and_torchvision_vits_serve_chefer(family_server, family_store, family_models, key):
+    """cam_method=chefer from a real TorchServe on timm's ViT and on torchvision's: the maps equal
+    Chefer et al.'s rollout computed in-process in fp64, torchvision's on its timm twin (the same
+    weights in timm's VisionTransformer, so the reference shares no code with the served path)."""
+    family = next(f for f in ROWS if f.key == key)
+    config = _handler_config(family_store, key)
+    h, w = family.size
+    pixels = _photo(w, h)
+    r = family_server.predict(key, files={"image": ("cat.png", _png(pixels))},
+                              data={"cam_method": "chefer", "cam_classes": "top2"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    gh, gw = family.grid
+    assert [c["method"] for c in body["cams"]] == ["chefer", "chefer"] and body["grid_size"] == [gw, gh]
+    model = family_models[key]
+    twin = (timm_twin(model) if key == "tv_vit" else copy.deepcopy(model)).double()
+    x = _model_input(pixels, config).double()
+    with torch.no_grad():
+        assert [c["class_id"] for c in body["cams"]] == twin(x)[0].topk(2).indices.tolist()
+    want = torch.stack([chefer_reference(twin, x[0], c["class_id"]).detach() for c in body["cams"]]).flatten(1)
+    want = (want - want.amin(dim=1, keepdim=True)) / (want.amax(dim=1, keepdim=True) - want.amin(dim=1, keepdim=True))
+    # Rounding (5e-4) plus the served fp32 against the fp64 reference: the rollout's values are
+    # small at random weights (peaks near 1e-3) and min-max scaling carries fp32's error up to ~1.1e-4.
+    _check_maps(body, want.view(-1, gh, gw), atol=1e-3)
 
 
 # --------------------------------------------------------------------------- end to end

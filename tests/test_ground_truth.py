@@ -2,7 +2,8 @@
 seeded synthetic localisation set (devkit/synthetic.py), and the ranking that
 scripts/bench/bench_faithfulness.py found at full size asserted on held-out images: chefer points
 at the class-deciding object more often than Grad-CAM on the ViT, and Grad-CAM points at it on the
-CNN. Maps through the product's own code path (devkit/faithfulness.py).
+CNN; the same ViT as torchvision's VisionTransformer points as timm's does. Maps through the
+product's own code path (devkit/faithfulness.py).
 
 Deterministic: seeded sets, models and training order, one thread, deterministic algorithms. The
 thresholds sit below what this machine measures (ViT: chefer 60%, Grad-CAM 48%; CNN: Grad-CAM
@@ -16,6 +17,7 @@ import torch
 
 from devkit.faithfulness import explanation_maps, pointing_game
 from devkit.synthetic import MEAN, STD, accuracy, make_set, single_thread, small_cnn, small_vit, train
+from devkit.vit_twins import torchvision_twin
 from handler.attention_cam import attention_explainer
 from handler.cam import CamEngine
 
@@ -57,6 +59,17 @@ def test_chefer_points_at_the_object_more_often_than_gradcam_on_the_vit(trained)
     chefer, gradcam = _pointing(vit, test_set, "chefer"), _pointing(vit, test_set, "gradcam")
     assert chefer >= 0.5, chefer
     assert chefer >= gradcam + 0.05, (chefer, gradcam)
+
+
+def test_torchvision_vit_twin_points_as_the_timm_vit_does(trained):
+    """The trained ViT as torchvision's VisionTransformer (the same weights): its chefer, through
+    the explicit attention path, points at the same objects as timm's unfused attention."""
+    vit, _, test_set = trained
+    twin = torchvision_twin(vit)
+    with torch.no_grad(), single_thread():
+        x = test_set.normalized()[:16]
+        torch.testing.assert_close(twin(x), vit(x), atol=1e-4, rtol=0)
+    assert _pointing(twin, test_set, "chefer") == pytest.approx(_pointing(vit, test_set, "chefer"), abs=0.01)
 
 
 def test_gradcam_points_at_the_object_on_the_cnn(trained):

@@ -1,11 +1,11 @@
 """Tests of handler.attention_cam: Chefer et al.'s maps on timm ViT, DeiT, register-token and Eva
-models against a straightforward unbatched reference (per image, per class), the batch split that
-keeps fused attention for every other request, the compiled path left untouched, and the 400s
-(CNN, torchvision ViT, unknown method) through the pipeline's own error path. No server."""
+models against a straightforward unbatched reference (per image, per class), torchvision's ViT
+against its timm twin (the same weights in timm's VisionTransformer), the batch split that keeps
+fused attention for every other request, the compiled path left untouched, and the 400s (CNN,
+attention that cannot be read, unknown method) through the pipeline's own error path. No server."""
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from support.attention import chefer_reference, timm_twin
 from support.families import randomize, save_weights
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva
@@ -44,34 +45,6 @@ def _engine(model: torch.nn.Module, **kwargs) -> CamEngine:
     return CamEngine(model, input_size=(SIZE, SIZE), **kwargs)
 
 
-def _reference(model: torch.nn.Module, image: torch.Tensor, cls: int, readout: str) -> torch.Tensor:
-    """Chefer et al. (2021) as the paper writes it, one image and one class at a time: unfused
-    attention, ``A_bar = mean_h relu(grad * A)``, ``R = I; R = R + A_bar @ R`` per block, the
-    read-out row of ``R`` at the patch tokens."""
-    m = copy.deepcopy(model)
-    attn = [mod for mod in m.modules() if hasattr(mod, "fused_attn")]
-    probs: list[torch.Tensor] = []
-    for mod in attn:
-        mod.fused_attn = False
-        mod.attn_drop.register_forward_hook(lambda _m, _i, out: probs.append(out))
-    with torch.enable_grad():
-        logits = m(image[None].clone().requires_grad_(True))
-        grads = torch.autograd.grad(logits[0, cls], probs)
-    tokens = probs[0].shape[-1]
-    prefix = m.num_prefix_tokens
-    relevance = torch.eye(tokens, dtype=probs[0].dtype)
-    for a, g in zip(probs, grads, strict=True):
-        relevance = relevance + (g[0] * a[0]).clamp(min=0).mean(dim=0) @ relevance
-    if readout == "token":
-        row = relevance[0]
-    elif readout == "distilled":
-        row = (relevance[0] + relevance[1]) / 2
-    else:
-        row = relevance[prefix:].mean(dim=0)
-    side = int(round((tokens - prefix) ** 0.5))
-    return row[prefix:].reshape(side, side)
-
-
 @pytest.mark.parametrize("batched", [True, False], ids=["vmapped", "per_round"])
 @pytest.mark.parametrize("key", list(MODELS))
 def test_chefer_equals_an_unbatched_reference(key, batched):
@@ -84,7 +57,7 @@ def test_chefer_equals_an_unbatched_reference(key, batched):
     maps = batch_pass(engine, explainer, x, ["chefer"] * 3).cams(rows, torch.tensor(classes), ["chefer"] * 5)
     assert maps.shape == (5, 4, 4)
     for p, (r, c) in enumerate(zip(rows, classes, strict=True)):
-        ref = _reference(model, x[r], c, MODELS[key][1]).detach()
+        ref = chefer_reference(model, x[r], c, MODELS[key][1]).detach()
         spread = float(ref.amax() - ref.amin())  # what the served, min-max-scaled map shows
         assert spread > 1e-6, "the reference map is constant: the comparison would be vacuous"
         torch.testing.assert_close(maps[p], ref, atol=1e-6 * spread, rtol=0)
@@ -222,12 +195,127 @@ def test_a_cnn_refuses_chefer_with_a_400_that_says_why(tmp_path):
         Pipeline(Archive(folder, "cnn", handler={**config, "cam_method": "chefer"}, batch_size=2))
 
 
-def test_torchvision_vit_is_refused_and_says_why():
+# --------------------------------------------------------------------------- torchvision's ViT
+
+
+def _tv_vit(seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
+    from torchvision.models import VisionTransformer as TorchvisionViT
+
+    torch.manual_seed(seed)
+    model = TorchvisionViT(image_size=SIZE, patch_size=8, num_layers=3, num_heads=4, hidden_dim=32, mlp_dim=64,
+                           num_classes=5).eval()
+    return randomize(model, (SIZE, SIZE), seed).to(dtype)
+
+
+def _tv_engine(model: torch.nn.Module, **kwargs) -> CamEngine:
+    return CamEngine(model, "encoder.layers.encoder_layer_2.ln_1", input_size=(SIZE, SIZE), **kwargs)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["vmapped", "per_round"])
+def test_torchvision_vit_chefer_equals_its_timm_twin(batched):
+    model = _tv_vit()
+    twin = timm_twin(model)
+    x = torch.randn((3, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x), atol=1e-12, rtol=0)  # the twin is the same function
+    engine = _tv_engine(model, batched_targets=batched)
+    explainer, why = attention_explainer(engine)
+    assert explainer is not None, why
+    assert explainer.plan.kind == "torchvision" and explainer.plan.prefix == 1 and explainer.grid == (4, 4)
+    rows, classes = [0, 1, 2, 0, 1], [4, 0, 1, 3, 2]
+    maps = batch_pass(engine, explainer, x, ["chefer"] * 3).cams(rows, torch.tensor(classes), ["chefer"] * 5)
+    for p, (r, c) in enumerate(zip(rows, classes, strict=True)):
+        ref = chefer_reference(twin, x[r], c).detach()
+        spread = float(ref.amax() - ref.amin())
+        assert spread > 1e-6, "the reference map is constant: the comparison would be vacuous"
+        torch.testing.assert_close(maps[p], ref, atol=1e-6 * spread, rtol=0)
+    # The modules' own forward is back (none left on the instances), no hook, no gradient.
+    attention = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert len(attention) == 3 and all("forward" not in m.__dict__ for m in attention)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_torchvision_vit_other_rows_keep_the_models_own_attention(monkeypatch):
+    from handler import attention_cam
+
+    model = _tv_vit(dtype=torch.float32)
+    engine = _tv_engine(model)
+    explainer, why = attention_explainer(engine)
+    assert explainer is not None, why
+    explicit: list[int] = []
+    original = attention_cam._explicit_attention
+
+    def _counting(module, store, query, *args, **kwargs):
+        explicit.append(query.shape[0])
+        return original(module, store, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention_cam, "_explicit_attention", _counting)
+    x = torch.randn((4, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(5))
+    alone = batch_pass(engine, explainer, x[[0, 2]], ["gradcam", "layercam"])
+    assert explicit == []
+    mixed = batch_pass(engine, explainer, x, ["gradcam", "chefer", "layercam", "chefer"])
+    assert explicit == [2, 2, 2], "only the two chefer rows run the explicit path, once per layer"
+    torch.testing.assert_close(mixed.logits[[0, 2]], alone.logits.detach(), atol=0, rtol=0)
+    classes = torch.tensor([1, 3, 2, 4])
+    got = mixed.cams([0, 1, 2, 3], classes, ["gradcam", "chefer", "layercam", "chefer"])
+    want = alone.cams([0, 1], classes[[0, 2]], ["gradcam", "layercam"])
+    torch.testing.assert_close(got[[0, 2]], want, atol=0, rtol=0)
+
+
+def _refused(mutate) -> str:
+    model = _tv_vit(dtype=torch.float32)
+    mutate(model)
+    explainer, why = attention_explainer(_tv_engine(model))
+    assert explainer is None
+    return why
+
+
+def test_torchvision_vit_attention_that_cannot_be_read_is_refused_and_says_why():
+    def zero_slot(model):
+        model.encoder.layers[1].self_attention.add_zero_attn = True
+
+    assert "encoder layer 1" in _refused(zero_slot) and "zero attention slot" in _refused(zero_slot)
+
+    class Tempered(torch.nn.MultiheadAttention):
+        """An attention subclass of its own: a sharper softmax the explicit path would not copy."""
+
+        def forward(self, query, key, value, **kwargs):
+            return super().forward(query * 2, key, value, **kwargs)
+
+    def tempered(model):
+        old = model.encoder.layers[0].self_attention
+        new = Tempered(old.embed_dim, old.num_heads, batch_first=True)
+        new.load_state_dict(old.state_dict())
+        model.encoder.layers[0].self_attention = new.eval()
+
+    assert "changes the logits" in _refused(tempered)
+
+
+def test_torchvision_vit_at_its_real_layout_answers_chefer_through_the_pipeline(tmp_path):
     from conftest import DATA
     from support.families import Family
 
-    model = Family("tv_vit", f"{DATA / 'tvvit' / 'model.py'}:SmallViT").build()
-    engine = CamEngine(model, "encoder.layers.encoder_layer_1.ln_1")
-    explainer, why = attention_explainer(engine)
-    assert explainer is None
-    assert "need_weights=False" in why and "torchvision" in why
+    family = Family("tv_vit", f"{DATA / 'tvvit' / 'model.py'}:SmallViT", {"num_classes": 5, "image_size": 64})
+    model = family.build()
+    folder = tmp_path / "tv_vit"
+    folder.mkdir()
+    save_weights(model, folder / "model.safetensors")
+    config = {"model": family.source, "num_classes": 5, "model_kwargs": {"image_size": 64}, "labels": "",
+              "input_size": [64, 64]}
+    pipeline = Pipeline(Archive(folder, "tv_vit", handler=config, batch_size=4))
+    assert pipeline.attention is not None, pipeline.attention_refusal
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    chefer, gradcam = pipeline.run([RawRequest(buffer.getvalue(), {"cam_method": m, "cam_classes": "top2"}, "json")
+                                    for m in ("chefer", "gradcam")])
+    assert chefer.status == 200 and gradcam.status == 200, chefer.text
+    body = json.loads(chefer.text)
+    assert [c["method"] for c in body["cams"]] == ["chefer", "chefer"] and body["grid_size"] == [4, 4]
+    x = pipeline.engine.prepare(torch.from_numpy(pixels)[None]).double()
+    twin = timm_twin(model.double())
+    for cam in body["cams"]:
+        ref = chefer_reference(twin, x[0], cam["class_id"]).detach()
+        ref = (ref - ref.amin()) / (ref.amax() - ref.amin())
+        np.testing.assert_allclose(np.array(cam["map"]), ref.numpy(), atol=6e-4)  # 3 decimals in the answer
