@@ -1,10 +1,19 @@
 """Transformer-native explanations from attention probabilities, pure torch.
 
-Chefer et al., 2021 ("Generic Attention-model Explainability for Interpreting Bi-Modal and
-Encoder-Decoder Transformers"): gradient-weighted attention rollout. Per block ``b``,
+``chefer``: Chefer et al., 2021 ("Generic Attention-model Explainability for Interpreting Bi-Modal
+and Encoder-Decoder Transformers"): gradient-weighted attention rollout. Per block ``b``,
 ``A_bar_b = mean_heads(relu(dy/dA_b * A_b))`` and ``R = I``, ``R = R + A_bar_b @ R`` through the
 blocks; the map is the readout row of ``R`` (the class token's, or the patch tokens' mean under
 average pooling) at the patch tokens, on the patch grid.
+
+``legrad``: Bousselham et al., ICCV 2025 ("LeGrad: An Explainability Method for Vision Transformers
+via Feature Formation Sensitivity"). Per block ``l``, the model's own head (final norm, pooling,
+classifier) applied to that block's output tokens gives a class score ``s_l`` (``s_L`` is the
+logit); the map is ``sum_l mean_{heads, query tokens}(relu(ds_l/dA_l))`` at the patch tokens, over
+the last :data:`LEGRAD_BLOCKS` blocks (the authors' released default, ``LeWrapper(layer_index=-2)``:
+the head was trained on the last block's tokens only, and on the ground-truth ViT of
+docs/performance.md every block summed points less often than the last two). The gradient is the
+signal itself, not weighted by ``A``; each ``s_l`` reaches ``A_l`` through block ``l`` alone.
 
 The probabilities ``A_b`` exist only on the unfused attention path. Everything else serves with
 fused attention (``F.scaled_dot_product_attention``): a batch is split (:func:`batch_pass`), the
@@ -46,6 +55,7 @@ from handler.vocab import ATTENTION_METHODS
 
 __all__ = [
     "ATTENTION_METHODS",
+    "LEGRAD_BLOCKS",
     "AttentionExplainer",
     "AttentionPass",
     "attention_explainer",
@@ -54,6 +64,8 @@ __all__ = [
 ]
 
 _ROW_SUM_TOL = 1e-3  # attention rows are probabilities: they sum to 1
+#: The last blocks whose gradients legrad sums (the LeGrad authors' default, layer_index=-2).
+LEGRAD_BLOCKS = 2
 # torchvision's explicit attention path against the model's own logits, relative to their range
 _LOGITS_TOL = 1e-3
 _LOGITS_TOL_HALF = 5e-2  # under bf16/fp16 autocast
@@ -96,6 +108,7 @@ class _Plan:
     grid: tuple[int, int]
     readout: tuple[float, ...]  # weight of each token in the head's read-out
     kind: str = "timm"  # "timm": fused_attn and attn_drop; "torchvision": nn.MultiheadAttention
+    legrad_blocks: tuple[str, ...] = ()  # names of the blocks whose outputs legrad reads, in order
 
 
 def _explicit_attention(module: nn.MultiheadAttention, store: list[Tensor], query: Tensor, key: Tensor,
@@ -134,25 +147,59 @@ def _explicit_refusal(module: nn.Module) -> str:
 
 
 class AttentionPass:
-    """What one attention forward leaves: the logits and every block's probabilities (graph kept)."""
+    """What one attention forward leaves: the logits, every block's probabilities and, where
+    ``legrad`` is asked for, every block's class scores (graph kept).
 
-    def __init__(self, logits: Tensor, attentions: list[Tensor], plan: _Plan, batched: bool) -> None:
+    Args:
+        logits: ``(N, classes)``.
+        attentions: per block, ``(N, heads, T, T)`` probabilities on the graph.
+        plan: the explainer's plan.
+        batched: one vmapped gradient pass for several classes per image.
+        layer_scores: per block legrad reads (the last :data:`LEGRAD_BLOCKS`), ``(N, classes)``: the
+            head applied to that block's output (the last is ``logits``); None where the pass was
+            made without them.
+    """
+
+    def __init__(self, logits: Tensor, attentions: list[Tensor], plan: _Plan, batched: bool,
+                 layer_scores: list[Tensor] | None = None) -> None:
         self.logits = logits
         self.attentions = attentions
+        self.layer_scores = layer_scores
         self._plan = plan
         self._batched = batched
 
+    def _grads(self, score: Tensor, inputs: Sequence[Tensor], seed: Tensor,
+               pick: tuple[Tensor, Tensor]) -> list[Tensor]:
+        """The gradients of ``score`` seeded per round (``seed``: ``(rounds, N, classes)``) with
+        respect to ``inputs``, each ``(P, ...)`` in target order (``pick``: round and row)."""
+        total = seed.shape[0]
+        try:
+            if self._batched and total > 1:
+                grads = torch.autograd.grad(score, inputs, grad_outputs=seed, is_grads_batched=True,
+                                            retain_graph=True)
+            else:
+                per_round = [torch.autograd.grad(score, inputs, grad_outputs=seed[r], retain_graph=True)
+                             for r in range(total)]
+                grads = [torch.stack(g) for g in zip(*per_round, strict=True)]
+        except RuntimeError as exc:
+            if "does not require grad" in str(exc) or "not have been used" in str(exc):
+                raise RuntimeError("the class score is not connected to every attention block") from exc
+            raise
+        return [g[pick] for g in grads]
+
     def cams(self, rows: Sequence[int], classes: Tensor, methods: Sequence[str] | None = None) -> Tensor:
-        """Raw maps ``(P, h, w)`` of P (image row, class) targets; one gradient pass per round of
-        classes (one target per image a round), or one vmapped pass for all rounds."""
+        """Raw maps ``(P, h, w)`` of P (image row, class) targets, each by its method (``chefer``
+        when None); one gradient pass per round of classes (one target per image a round), or
+        one vmapped pass for all rounds."""
         host_rows = [int(r) for r in rows]
-        if methods is not None and any(m not in ATTENTION_METHODS for m in methods):
+        methods = list(methods) if methods is not None else ["chefer"] * len(host_rows)
+        if any(m not in ATTENTION_METHODS for m in methods):
             raise ValueError(f"attention passes compute {', '.join(ATTENTION_METHODS)} only")
         count = len(host_rows)
         plan = self._plan
         device = self.logits.device
+        dtype = torch.promote_types(self.logits.dtype, torch.float32)
         if count == 0:
-            dtype = torch.promote_types(self.logits.dtype, torch.float32)
             return torch.zeros((0, *plan.grid), device=device, dtype=dtype)
         rounds, seen = [], {}
         for row in host_rows:
@@ -164,23 +211,32 @@ class AttentionPass:
         index = device_index(flat, device) + classes.reshape(-1).to(device)
         seed = self.logits.new_zeros((total, n, num_classes))
         seed.view(-1).scatter_(0, index, 1.0)
-        try:
-            if self._batched and total > 1:
-                grads = torch.autograd.grad(self.logits, self.attentions, grad_outputs=seed, is_grads_batched=True)
+        pick = (device_index(rounds, device), device_index(host_rows, device))
+        out = torch.empty((count, *plan.grid), device=device, dtype=dtype)
+        # Each method's targets in one go; a target another method asked for is seeded too (its
+        # gradient is dropped), so that rounds and seeds stay those of the whole request.
+        for method in dict.fromkeys(methods):
+            at = device_index([p for p, m in enumerate(methods) if m == method], device)
+            if method == "chefer":
+                grads = self._grads(self.logits, self.attentions, seed, pick)
+                attentions = [a.detach()[pick[1]] for a in self.attentions]
+                maps = chefer_maps(attentions, grads, torch.tensor(plan.readout), plan.prefix, plan.grid)
             else:
-                per_round = [torch.autograd.grad(self.logits, self.attentions, grad_outputs=seed[r],
-                                                 retain_graph=r < total - 1) for r in range(total)]
-                grads = [torch.stack(g) for g in zip(*per_round, strict=True)]
-        except RuntimeError as exc:
-            if "does not require grad" in str(exc) or "not have been used" in str(exc):
-                raise RuntimeError("the class score is not connected to every attention block") from exc
-            raise
-        pick_round = device_index(rounds, device)
-        pick_row = device_index(host_rows, device)
-        attentions = [a.detach()[pick_row] for a in self.attentions]
-        grads = [g[pick_round, pick_row] for g in grads]
-        readout = torch.tensor(plan.readout)
-        return chefer_maps(attentions, grads, readout, plan.prefix, plan.grid)
+                maps = self._legrad(seed, pick)
+            out[at] = maps[at].to(dtype)
+        return out
+
+    def _legrad(self, seed: Tensor, pick: tuple[Tensor, Tensor]) -> Tensor:
+        """LeGrad maps ``(P, h, w)``: per block, one gradient of its class score through that block."""
+        plan = self._plan
+        if self.layer_scores is None:
+            raise RuntimeError("legrad needs a pass made with layer scores")
+        total = None
+        for score, attention in zip(self.layer_scores, self.attentions[-len(self.layer_scores):], strict=True):
+            (grad,) = self._grads(score, [attention], seed, pick)
+            signal = grad.float().clamp(min=0).mean(dim=(1, 2))[:, plan.prefix:]  # heads, query tokens
+            total = signal if total is None else total + signal
+        return total.unflatten(1, plan.grid)
 
 
 class AttentionExplainer:
@@ -245,26 +301,46 @@ class AttentionExplainer:
             for m in modules:
                 m.__dict__.pop("forward", None)
 
-    def forward(self, engine, x: Tensor) -> AttentionPass:
+    def forward(self, engine, x: Tensor, layer_scores: bool = False) -> AttentionPass:
         """One forward of ``engine``'s eager model with the probabilities on the graph.
 
         Args:
             engine: the :class:`handler.cam.CamEngine` (its precision and, compiled, its capture).
             x: the prepared batch.
+            layer_scores: also the class scores of the blocks legrad reads: the model's head
+                applied to each one's output, on the graph.
         """
         model = eager_module(engine.model)
         store: list[Tensor] = []
+        outputs: list[Tensor] = []
         capture = engine.capture
         passthrough = capture.passing() if capture is not None else nullcontext()
-        with self._lock, self._unfused(model, store), passthrough:
-            with torch.inference_mode(False), torch.enable_grad():
-                with torch.autocast(x.device.type, dtype=engine.autocast, enabled=engine.autocast is not None):
-                    # The input requires grad (parameters never do), so the graph runs from the
-                    # first block's attention to the logits.
-                    logits = model(x.detach().requires_grad_(True))
+        blocks = [model.get_submodule(name) for name in self.plan.legrad_blocks] if layer_scores else []
+        handles = [b.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for b in blocks]
+        try:
+            with self._lock, self._unfused(model, store), passthrough:
+                with torch.inference_mode(False), torch.enable_grad():
+                    with torch.autocast(x.device.type, dtype=engine.autocast, enabled=engine.autocast is not None):
+                        # The input requires grad (parameters never do), so the graph runs from the
+                        # first block's attention to the logits.
+                        logits = model(x.detach().requires_grad_(True))
+                        scores = [_head(model, self.plan.kind, z) for z in outputs] if layer_scores else None
+        finally:
+            for handle in handles:
+                handle.remove()
         if len(store) != len(self.plan.attention):
             raise RuntimeError(f"{len(store)} attention probabilities for {len(self.plan.attention)} blocks")
-        return AttentionPass(logits, store, self.plan, self.batched_targets)
+        if layer_scores and len(outputs) != len(self.plan.legrad_blocks):
+            raise RuntimeError(f"{len(outputs)} block outputs for {len(self.plan.legrad_blocks)} blocks")
+        return AttentionPass(logits, store, self.plan, self.batched_targets, scores)
+
+
+def _head(model: nn.Module, kind: str, tokens: Tensor) -> Tensor:
+    """The model's head on a block's output tokens ``(N, T, D)``: what its forward does after the
+    last block (final norm, pooling or the class token, classifier)."""
+    if kind == "torchvision":
+        return model.heads(model.encoder.ln(tokens)[:, 0])
+    return model.forward_head(model.norm(tokens))
 
 
 def _readout(model: nn.Module, prefix: int, tokens: int) -> tuple[tuple[float, ...] | None, str]:
@@ -287,41 +363,44 @@ def _readout(model: nn.Module, prefix: int, tokens: int) -> tuple[tuple[float, .
     return tuple(weights), ""
 
 
-def _timm_modules(model: nn.Module, name: str) -> tuple[list[str], str]:
-    """The names of a timm ViT/Eva's attention modules, one per block, or [] and why not."""
+def _timm_modules(model: nn.Module, name: str) -> tuple[list[str], list[str], str]:
+    """The names of a timm ViT/Eva's attention modules and of its blocks, one per block, or []
+    and why not."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Module) or not isinstance(getattr(model, "num_prefix_tokens", None), int) \
             or not len(blocks):
-        return [], (f"{'/'.join(ATTENTION_METHODS)} explains a transformer through its attention, and {name} "
-                    "has no timm ViT/Eva or torchvision ViT attention blocks; use a gradient method (gradcam...)")
-    names = []
+        return [], [], (f"{'/'.join(ATTENTION_METHODS)} explain a transformer through its attention, and {name} "
+                        "has no timm ViT/Eva or torchvision ViT attention blocks; use a gradient method (gradcam...)")
+    names, block_names = [], []
     blocks_name = next(n for n, m in model.named_modules() if m is blocks)
     for i, block in enumerate(blocks):
         found = [n for n, m in block.named_modules() if hasattr(m, "fused_attn") and isinstance(
             getattr(m, "attn_drop", None), nn.Module)]
         if len(found) != 1:
-            return [], f"block {i} of {name} has {len(found)} timm attention modules, not one"
+            return [], [], f"block {i} of {name} has {len(found)} timm attention modules, not one"
         names.append(f"{blocks_name}.{i}.{found[0]}".replace("..", ".").rstrip("."))
-    return names, ""
+        block_names.append(f"{blocks_name}.{i}".lstrip("."))
+    return names, block_names, ""
 
 
-def _torchvision_modules(model: nn.Module, name: str) -> tuple[list[str], str]:
-    """The names of a torchvision ViT's ``nn.MultiheadAttention`` modules, one per encoder layer,
-    or [] and why not."""
+def _torchvision_modules(model: nn.Module, name: str) -> tuple[list[str], list[str], str]:
+    """The names of a torchvision ViT's ``nn.MultiheadAttention`` modules and of its encoder
+    layers, one per layer, or [] and why not."""
     layers = getattr(getattr(model, "encoder", None), "layers", None)
     if not isinstance(layers, nn.Module) or not len(layers):
-        return [], f"{name} has no encoder.layers to read attention from"
+        return [], [], f"{name} has no encoder.layers to read attention from"
     layers_name = next(n for n, m in model.named_modules() if m is layers)
-    names = []
+    names, block_names = [], []
     for i, (child, layer) in enumerate(layers.named_children()):
         found = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.MultiheadAttention)]
         if len(found) != 1:
-            return [], f"encoder layer {i} of {name} has {len(found)} nn.MultiheadAttention modules, not one"
+            return [], [], f"encoder layer {i} of {name} has {len(found)} nn.MultiheadAttention modules, not one"
         why = _explicit_refusal(found[0][1])
         if why:
-            return [], f"the attention of encoder layer {i} of {name} cannot be read: {why}"
+            return [], [], f"the attention of encoder layer {i} of {name} cannot be read: {why}"
         names.append(f"{layers_name}.{child}.{found[0][0]}".rstrip("."))
-    return names, ""
+        block_names.append(f"{layers_name}.{child}")
+    return names, block_names, ""
 
 
 def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[AttentionExplainer | None, str]:
@@ -330,12 +409,14 @@ def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[At
     Supported: timm's VisionTransformer family (ViT, DeiT, register tokens) and Eva, with class
     token or average pooling, and torchvision's VisionTransformer, whose grid is the engine's. One
     dry forward at load checks that every block hands over a ``(N, heads, T, T)`` probability
-    matrix, and on torchvision's that the explicit attention path gives the model's own logits.
+    matrix, that the head applied to the last block's output gives the logits (so each block's
+    class score is the head's), and on torchvision's that the explicit attention path gives the
+    model's own logits.
     """
     model = eager_module(engine.model)
     name = type(model).__name__
     torchvision = _is_torchvision_vit(model)
-    names, why = (_torchvision_modules if torchvision else _timm_modules)(model, name)
+    names, block_names, why = (_torchvision_modules if torchvision else _timm_modules)(model, name)
     if not names:
         return None, why
     hints = ModelHints.from_model(model, engine.input_size)
@@ -351,28 +432,33 @@ def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[At
     if readout is None:
         return None, f"{name}: {why}"
     plan = _Plan(tuple(names), prefix, (int(grid[0]), int(grid[1])), readout,
-                 "torchvision" if torchvision else "timm")
+                 "torchvision" if torchvision else "timm", tuple(block_names[-LEGRAD_BLOCKS:]))
     explainer = AttentionExplainer(plan, engine.batched_targets if batched_targets is None else batched_targets)
     example = engine.example()
     if torchvision:  # a seeded non-constant input: zeros would make every patch token alike
         noise = torch.randn(example.shape, generator=torch.Generator().manual_seed(0))
         example = noise.to(example.device, example.dtype).contiguous(memory_format=engine.memory_format)
     try:
-        probe = explainer.forward(engine, example)
-    except RuntimeError as exc:
+        probe = explainer.forward(engine, example, layer_scores=True)
+    except (RuntimeError, AttributeError, TypeError) as exc:
         where = "nn.MultiheadAttention modules" if torchvision else "attention modules"
         return None, f"{name}'s {where} do not hand over their probabilities ({exc})"
     for a in probe.attentions:
         if a.dim() != 4 or a.shape[-2:] != (tokens, tokens) or not torch.allclose(
                 a.detach().float().sum(dim=-1), torch.ones((), device=a.device), atol=_ROW_SUM_TOL):
             return None, f"{name}'s attention modules do not hold ({tokens} x {tokens}) attention probabilities"
+    tolerance = _LOGITS_TOL if engine.autocast is None else _LOGITS_TOL_HALF
+    last, logits = probe.layer_scores[-1].detach().float(), probe.logits.detach().float()
+    scale = float(logits.amax() - logits.amin()) or 1.0
+    if last.shape != logits.shape or float((last - logits).abs().max()) > tolerance * scale:
+        return None, (f"the head of {name} is not its final norm, pooling and classifier on the last block's "
+                      "tokens, so the class score of a block cannot be told")
     if torchvision:
         with torch.inference_mode(), torch.autocast(example.device.type, dtype=engine.autocast,
                                                     enabled=engine.autocast is not None):
             own = model(example).float()
         got = probe.logits.detach().float()
         scale = float(own.amax() - own.amin()) or 1.0
-        tolerance = _LOGITS_TOL if engine.autocast is None else _LOGITS_TOL_HALF
         if got.shape != own.shape or float((got - own).abs().max()) > tolerance * scale:
             return None, (f"{name}'s encoder layers do not use their nn.MultiheadAttention as torchvision's "
                           "EncoderBlock does: the explicit attention path changes the logits")
@@ -396,7 +482,8 @@ class _SplitPass:
     """A batch split in two: gradient methods on the engine (fused attention), attention methods in
     a pass of their own. ``logits`` in batch order; maps in target order."""
 
-    def __init__(self, engine, explainer: AttentionExplainer, x: Tensor, attention_rows: list[int]) -> None:
+    def __init__(self, engine, explainer: AttentionExplainer, x: Tensor, attention_rows: list[int],
+                 layer_scores: bool = False) -> None:
         n = x.shape[0]
         self.engine = engine
         chosen = set(attention_rows)
@@ -411,7 +498,7 @@ class _SplitPass:
             self.cam_pass = engine.forward(x[device_index(self.other_rows, device)])
             parts.append(self.cam_pass.logits)
             order += self.other_rows
-        self.attention = explainer.forward(engine, x[device_index(attention_rows, device)])
+        self.attention = explainer.forward(engine, x[device_index(attention_rows, device)], layer_scores)
         parts.append(self.attention.logits)
         order += attention_rows
         inverse = [0] * n
@@ -461,4 +548,4 @@ def batch_pass(engine, explainer: AttentionExplainer | None, x: Tensor, job_meth
         return _EnginePass(engine, engine.forward(x))
     if explainer is None:
         raise ValueError(f"{'/'.join(ATTENTION_METHODS)} asked of a model without an attention explainer")
-    return _SplitPass(engine, explainer, x, rows)
+    return _SplitPass(engine, explainer, x, rows, layer_scores="legrad" in job_methods)

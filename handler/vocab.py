@@ -28,7 +28,7 @@ __all__ = [
 #: CAM methods a request may ask for (``cam_method``); the engine has one unit per name.
 CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 #: Transformer-native methods from attention probabilities (handler.attention_cam): timm ViT/Eva, torchvision ViT.
-ATTENTION_METHODS = ("chefer",)
+ATTENTION_METHODS = ("chefer", "legrad")
 #: Every ``cam_method`` a request may name.
 REQUEST_METHODS = CAM_METHODS + ATTENTION_METHODS
 #: Other spellings accepted for a method.

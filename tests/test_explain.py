@@ -180,7 +180,7 @@ def test_wrong_token_unreachable_server_unknown_model_and_bad_option_stop_at_onc
     # chefer is a method the client knows; the CNN's server refuses it, saying why.
     _one_message(explain(*good, "--url", server.url, "--token", server.token, "--cam-method", "chefer"),
                  "the server refused an option: invalid_option (cam_method): cam_method 'chefer' does not apply "
-                 "to this model: chefer explains a transformer through its attention")
+                 "to this model: chefer/legrad explain a transformer through its attention")
 
 
 def test_quality_adds_the_first_maps_kept_and_removed_confidence_to_each_line(server, tmp_path):

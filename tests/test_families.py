@@ -2,8 +2,8 @@
 automatic layer, layout and grid in the archive and the response, and maps equal to
 pytorch-grad-cam's computed in-process on the same pixels. End to end as well: a ViT at 160 px
 letterboxed (maps and ``grid_box`` against a reference), a CNN at 192x256, ``topk`` smaller
-than a ``topN`` CAM request, archives without labels, and ``chefer`` on timm's and torchvision's
-ViT against the paper's rollout.
+than a ``topN`` CAM request, archives without labels, and ``chefer`` and ``legrad`` on timm's and
+torchvision's ViT against the papers' definitions.
 
 Images are sent as PNGs at the model's input size (or letterboxed without resampling), so that
 the reference sees exactly the served pixels.
@@ -28,10 +28,11 @@ import yaml
 from conftest import DATA, EAGER
 from PIL import Image
 from support.archiver_main import finish_batch, run_main, start_batch
-from support.attention import chefer_reference, timm_twin
+from support.attention import chefer_reference, legrad_reference, timm_twin
 from support.families import BY_KEY, FAMILIES, Family, pgc_maps, save_weights
 
 from devkit.tslocal import LocalServer
+from handler.vocab import ATTENTION_METHODS
 
 pytestmark = pytest.mark.server
 
@@ -202,30 +203,33 @@ def test_family_is_served_with_its_automatic_layer(family_server, family_store, 
     _check_maps(body, _reference(family, model, x, top.indices[:2]))
 
 
+@pytest.mark.parametrize("method", ATTENTION_METHODS)
 @pytest.mark.parametrize("key", ["vit160", "tv_vit"])
-def test_timm_and_torchvision_vits_serve_chefer(family_server, family_store, family_models, key):
-    """cam_method=chefer from a real TorchServe on timm's ViT and on torchvision's: the maps equal
-    Chefer et al.'s rollout computed in-process in fp64, torchvision's on its timm twin (the same
+def test_timm_and_torchvision_vits_serve_the_attention_methods(family_server, family_store, family_models, key,
+                                                               method):
+    """chefer and legrad from a real TorchServe on timm's ViT and on torchvision's: the maps equal
+    the papers' definitions computed in-process in fp64, torchvision's on its timm twin (the same
     weights in timm's VisionTransformer, so the reference shares no code with the served path)."""
     family = next(f for f in ROWS if f.key == key)
     config = _handler_config(family_store, key)
     h, w = family.size
     pixels = _photo(w, h)
     r = family_server.predict(key, files={"image": ("cat.png", _png(pixels))},
-                              data={"cam_method": "chefer", "cam_classes": "top2"})
+                              data={"cam_method": method, "cam_classes": "top2"})
     assert r.status_code == 200, r.text
     body = r.json()
     gh, gw = family.grid
-    assert [c["method"] for c in body["cams"]] == ["chefer", "chefer"] and body["grid_size"] == [gw, gh]
+    assert [c["method"] for c in body["cams"]] == [method, method] and body["grid_size"] == [gw, gh]
     model = family_models[key]
     twin = (timm_twin(model) if key == "tv_vit" else copy.deepcopy(model)).double()
     x = _model_input(pixels, config).double()
     with torch.no_grad():
         assert [c["class_id"] for c in body["cams"]] == twin(x)[0].topk(2).indices.tolist()
-    want = torch.stack([chefer_reference(twin, x[0], c["class_id"]).detach() for c in body["cams"]]).flatten(1)
+    reference = chefer_reference if method == "chefer" else legrad_reference
+    want = torch.stack([reference(twin, x[0], c["class_id"]).detach() for c in body["cams"]]).flatten(1)
     want = (want - want.amin(dim=1, keepdim=True)) / (want.amax(dim=1, keepdim=True) - want.amin(dim=1, keepdim=True))
-    # Rounding (5e-4) plus the served fp32 against the fp64 reference: the rollout's values are
-    # small at random weights (peaks near 1e-3) and min-max scaling carries fp32's error up to ~1.1e-4.
+    # Rounding (5e-4) plus the served fp32 against the fp64 reference: the maps' values are small
+    # at random weights and min-max scaling carries fp32's error up to ~1.1e-4 (seen).
     _check_maps(body, want.view(-1, gh, gw), atol=1e-3)
 
 

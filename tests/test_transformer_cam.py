@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from support.attention import chefer_reference, timm_twin
+from support.attention import chefer_reference, legrad_reference, timm_twin
 from support.families import randomize, save_weights
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-from handler.attention_cam import attention_explainer, batch_pass
+from handler.attention_cam import LEGRAD_BLOCKS, attention_explainer, batch_pass
 from handler.cam import CamEngine
 from handler.pipeline import Archive, Pipeline
 from handler.requests import RawRequest
@@ -65,6 +65,44 @@ def test_chefer_equals_an_unbatched_reference(key, batched):
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
     assert all(not m._forward_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["vmapped", "per_round"])
+@pytest.mark.parametrize("key", list(MODELS))
+def test_legrad_equals_an_unbatched_reference(key, batched):
+    model = _model(key).double()
+    engine = _engine(model, batched_targets=batched)
+    explainer, why = attention_explainer(engine)
+    assert explainer is not None, why
+    x = torch.randn((3, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rows, classes = [0, 1, 0, 2, 1], [4, 0, 1, 3, 2]
+    # chefer and legrad targets in one pass: each map by its own method.
+    methods = ["legrad", "chefer", "chefer", "legrad", "legrad"]
+    maps = batch_pass(engine, explainer, x, ["legrad", "chefer", "legrad"]).cams(rows, torch.tensor(classes), methods)
+    for p, (r, c, m) in enumerate(zip(rows, classes, methods, strict=True)):
+        ref = (legrad_reference(model, x[r], c) if m == "legrad" else
+               chefer_reference(model, x[r], c, MODELS[key][1])).detach()
+        spread = float(ref.amax() - ref.amin())
+        assert spread > 1e-9, "the reference map is constant: the comparison would be vacuous"
+        torch.testing.assert_close(maps[p], ref, atol=1e-6 * spread, rtol=0)
+    assert not torch.allclose(maps[0], maps[2]), "legrad and chefer maps of one image must differ"
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_legrad_block_scores_are_the_heads_reading_of_each_block():
+    """The last block's score is the logit itself; an earlier block's is the head on its tokens."""
+    model = _model("vit")
+    engine = _engine(model)
+    explainer, _ = attention_explainer(engine)
+    x = torch.randn((2, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(6))
+    attention_pass = explainer.forward(engine, x, layer_scores=True)
+    assert len(attention_pass.layer_scores) == LEGRAD_BLOCKS == len(model.blocks)  # the tiny ViT has 2
+    torch.testing.assert_close(attention_pass.layer_scores[-1], attention_pass.logits, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        tokens = model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(x))))
+        torch.testing.assert_close(attention_pass.layer_scores[0], model.forward_head(model.norm(tokens)),
+                                   atol=1e-5, rtol=0)
+    assert explainer.forward(engine, x).layer_scores is None  # only a pass with legrad rows makes them
 
 
 def test_the_batch_split_keeps_fused_attention_for_the_other_rows(monkeypatch):
@@ -159,13 +197,16 @@ def _answers(pipeline: Pipeline, methods: list[str]) -> list[dict]:
     return out
 
 
-def test_other_answers_are_identical_whether_or_not_a_chefer_request_shares_the_batch(vit_pipeline):
+def test_other_answers_are_identical_whether_or_not_attention_requests_share_the_batch(vit_pipeline):
     alone = _answers(vit_pipeline, ["gradcam", "xgradcam"])
-    mixed = _answers(vit_pipeline, ["gradcam", "xgradcam", "chefer"])
+    mixed = _answers(vit_pipeline, ["gradcam", "xgradcam", "chefer", "legrad"])
     assert alone == mixed[:2]
-    assert mixed[2]["status"] == 200 and [c["method"] for c in mixed[2]["cams"]] == ["chefer", "chefer"]
-    grid = np.array(mixed[2]["cams"][0]["map"])
-    assert grid.shape == (4, 4) and grid.max() == 1.0 and grid.min() == 0.0
+    for answer, method in zip(mixed[2:], ATTENTION_METHODS, strict=True):
+        assert answer["status"] == 200 and [c["method"] for c in answer["cams"]] == [method, method]
+        grid = np.array(answer["cams"][0]["map"])
+        assert grid.shape == (4, 4) and grid.max() == 1.0 and grid.min() == 0.0
+    # The legrad answer is the same without the chefer request beside it (photos go by position).
+    assert _answers(vit_pipeline, ["gradcam", "xgradcam", "gradcam", "legrad"])[3] == mixed[3]
     assert all(m.fused_attn for m in vit_pipeline.engine.model.modules() if hasattr(m, "fused_attn"))
 
 
@@ -212,7 +253,7 @@ def _tv_engine(model: torch.nn.Module, **kwargs) -> CamEngine:
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["vmapped", "per_round"])
-def test_torchvision_vit_chefer_equals_its_timm_twin(batched):
+def test_torchvision_vit_chefer_and_legrad_equal_its_timm_twins(batched):
     model = _tv_vit()
     twin = timm_twin(model)
     x = torch.randn((3, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -223,9 +264,10 @@ def test_torchvision_vit_chefer_equals_its_timm_twin(batched):
     assert explainer is not None, why
     assert explainer.plan.kind == "torchvision" and explainer.plan.prefix == 1 and explainer.grid == (4, 4)
     rows, classes = [0, 1, 2, 0, 1], [4, 0, 1, 3, 2]
-    maps = batch_pass(engine, explainer, x, ["chefer"] * 3).cams(rows, torch.tensor(classes), ["chefer"] * 5)
-    for p, (r, c) in enumerate(zip(rows, classes, strict=True)):
-        ref = chefer_reference(twin, x[r], c).detach()
+    methods = ["chefer", "legrad", "chefer", "legrad", "chefer"]
+    maps = batch_pass(engine, explainer, x, ["chefer", "legrad", "chefer"]).cams(rows, torch.tensor(classes), methods)
+    for p, (r, c, m) in enumerate(zip(rows, classes, methods, strict=True)):
+        ref = (chefer_reference(twin, x[r], c) if m == "chefer" else legrad_reference(twin, x[r], c)).detach()
         spread = float(ref.amax() - ref.amin())
         assert spread > 1e-6, "the reference map is constant: the comparison would be vacuous"
         torch.testing.assert_close(maps[p], ref, atol=1e-6 * spread, rtol=0)

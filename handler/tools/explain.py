@@ -419,7 +419,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts.add_argument("--cam-classes", default=None,
                       help="top1, topN, none, or a comma list of class ids/labels, e.g. '285,tabby' (default top1)")
     opts.add_argument("--cam-method", choices=REQUEST_METHODS, default=None,
-                      help="CAM method (default gradcam; chefer: attention maps, timm ViT/DeiT/Eva and torchvision ViT archives)")
+                      help="CAM method (default gradcam; chefer, legrad: attention maps, for timm ViT/DeiT/Eva and "
+                           "torchvision ViT archives)")
     opts.add_argument("--quality", action="store_true",
                       help="ask for each map's faithfulness score (the server runs one more forward pass); "
                            "the line gets the first map's kept and removed confidence")
