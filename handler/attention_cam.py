@@ -169,11 +169,14 @@ class AttentionPass:
         self._batched = batched
 
     def _grads(self, score: Tensor, inputs: Sequence[Tensor], seed: Tensor,
-               pick: tuple[Tensor, Tensor]) -> list[Tensor]:
+               pick: tuple[Tensor, Tensor] | None) -> list[Tensor]:
         """The gradients of ``score`` seeded per round (``seed``: ``(rounds, N, classes)``) with
-        respect to ``inputs``, each ``(P, ...)`` in target order (``pick``: round and row)."""
+        respect to ``inputs``, each ``(P, ...)`` in target order (``pick``: round and row; None
+        where the targets are the rows in order, one round: the gradients as they come)."""
         total = seed.shape[0]
         try:
+            if pick is None:
+                return list(torch.autograd.grad(score, inputs, grad_outputs=seed[0], retain_graph=True))
             if self._batched and total > 1:
                 grads = torch.autograd.grad(score, inputs, grad_outputs=seed, is_grads_batched=True,
                                             retain_graph=True)
@@ -211,7 +214,9 @@ class AttentionPass:
         index = device_index(flat, device) + classes.reshape(-1).to(device)
         seed = self.logits.new_zeros((total, n, num_classes))
         seed.view(-1).scatter_(0, index, 1.0)
-        pick = (device_index(rounds, device), device_index(host_rows, device))
+        # The common case (one target per image, in row order) needs no gather of the gradients.
+        in_order = total == 1 and host_rows == list(range(n))
+        pick = None if in_order else (device_index(rounds, device), device_index(host_rows, device))
         out = torch.empty((count, *plan.grid), device=device, dtype=dtype)
         # Each method's targets in one go; a target another method asked for is seeded too (its
         # gradient is dropped), so that rounds and seeds stay those of the whole request.
@@ -219,14 +224,16 @@ class AttentionPass:
             at = device_index([p for p, m in enumerate(methods) if m == method], device)
             if method == "chefer":
                 grads = self._grads(self.logits, self.attentions, seed, pick)
-                attentions = [a.detach()[pick[1]] for a in self.attentions]
+                attentions = [a.detach() if pick is None else a.detach()[pick[1]] for a in self.attentions]
                 maps = chefer_maps(attentions, grads, torch.tensor(plan.readout), plan.prefix, plan.grid)
             else:
                 maps = self._legrad(seed, pick)
+            if len(set(methods)) == 1:
+                return maps.to(dtype)
             out[at] = maps[at].to(dtype)
         return out
 
-    def _legrad(self, seed: Tensor, pick: tuple[Tensor, Tensor]) -> Tensor:
+    def _legrad(self, seed: Tensor, pick: tuple[Tensor, Tensor] | None) -> Tensor:
         """LeGrad maps ``(P, h, w)``: per block, one gradient of its class score through that block."""
         plan = self._plan
         if self.layer_scores is None:
