@@ -148,7 +148,7 @@ def _explicit_refusal(module: nn.Module) -> str:
 
 class AttentionPass:
     """What one attention forward leaves: the logits, every block's probabilities and, where
-    ``legrad`` is asked for, every block's class scores (graph kept).
+    ``legrad`` is asked for, the class scores of the blocks it reads (graph kept).
 
     Args:
         logits: ``(N, classes)``.
@@ -323,18 +323,20 @@ class AttentionExplainer:
         capture = engine.capture
         passthrough = capture.passing() if capture is not None else nullcontext()
         blocks = [model.get_submodule(name) for name in self.plan.legrad_blocks] if layer_scores else []
-        handles = [b.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for b in blocks]
-        try:
-            with self._lock, self._unfused(model, store), passthrough:
-                with torch.inference_mode(False), torch.enable_grad():
-                    with torch.autocast(x.device.type, dtype=engine.autocast, enabled=engine.autocast is not None):
-                        # The input requires grad (parameters never do), so the graph runs from the
-                        # first block's attention to the logits.
-                        logits = model(x.detach().requires_grad_(True))
-                        scores = [_head(model, self.plan.kind, z) for z in outputs] if layer_scores else None
-        finally:
-            for handle in handles:
-                handle.remove()
+        with self._lock:  # the hooks too: another pass's forward must not feed this one's outputs
+            handles = [b.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for b in blocks]
+            try:
+                with self._unfused(model, store), passthrough:
+                    with torch.inference_mode(False), torch.enable_grad():
+                        with torch.autocast(x.device.type, dtype=engine.autocast,
+                                            enabled=engine.autocast is not None):
+                            # The input requires grad (parameters never do), so the graph runs from
+                            # the first block's attention to the logits.
+                            logits = model(x.detach().requires_grad_(True))
+                            scores = [_head(model, self.plan.kind, z) for z in outputs] if layer_scores else None
+            finally:
+                for handle in handles:
+                    handle.remove()
         if len(store) != len(self.plan.attention):
             raise RuntimeError(f"{len(store)} attention probabilities for {len(self.plan.attention)} blocks")
         if layer_scores and len(outputs) != len(self.plan.legrad_blocks):
