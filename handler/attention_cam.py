@@ -59,6 +59,7 @@ __all__ = [
     "AttentionExplainer",
     "AttentionPass",
     "attention_explainer",
+    "attention_refusal",
     "batch_pass",
     "chefer_maps",
 ]
@@ -260,6 +261,8 @@ class AttentionExplainer:
         self.plan = plan
         self.batched_targets = batched_targets
         self.grid = plan.grid
+        # Methods this model cannot serve though others can, and why (filled at load).
+        self.refused: dict[str, str] = {}
         # One attention pass at a time per explainer: the unfused switch is the model's state.
         self._lock = threading.Lock()
         self._bound: tuple[nn.Module, list[nn.Module]] | None = None
@@ -412,8 +415,17 @@ def _torchvision_modules(model: nn.Module, name: str) -> tuple[list[str], list[s
     return names, block_names, ""
 
 
+def attention_refusal(explainer: AttentionExplainer | None, why: str, method: str) -> str:
+    """Why ``method`` (an attention method) cannot be served, or "" when it can: ``why`` where
+    the model has no explainer (what :func:`attention_explainer` returned), else the explainer's
+    own refusal of that method."""
+    return why if explainer is None else explainer.refused.get(method, "")
+
+
 def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[AttentionExplainer | None, str]:
-    """The attention explainer of an engine's model, or None and why the model has none.
+    """The attention explainer of an engine's model, or None and why the model has none. A model
+    whose head is not its final norm, pooling and classifier on the last block's tokens keeps
+    ``chefer`` and refuses ``legrad`` (:attr:`AttentionExplainer.refused`).
 
     Supported: timm's VisionTransformer family (ViT, DeiT, register tokens) and Eva, with class
     token or average pooling, and torchvision's VisionTransformer, whose grid is the engine's. One
@@ -448,20 +460,26 @@ def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[At
         noise = torch.randn(example.shape, generator=torch.Generator().manual_seed(0))
         example = noise.to(example.device, example.dtype).contiguous(memory_format=engine.memory_format)
     try:
-        probe = explainer.forward(engine, example, layer_scores=True)
-    except (RuntimeError, AttributeError, TypeError) as exc:
+        probe = explainer.forward(engine, example)
+    except RuntimeError as exc:
         where = "nn.MultiheadAttention modules" if torchvision else "attention modules"
         return None, f"{name}'s {where} do not hand over their probabilities ({exc})"
+    head_refusal = (f"the head of {name} is not its final norm, pooling and classifier on the last block's "
+                    "tokens, so the class score of a block cannot be told")
+    try:
+        scored = explainer.forward(engine, example, layer_scores=True)
+    except (RuntimeError, AttributeError, TypeError) as exc:
+        scored, explainer.refused["legrad"] = None, f"{head_refusal} ({exc})"
     for a in probe.attentions:
         if a.dim() != 4 or a.shape[-2:] != (tokens, tokens) or not torch.allclose(
                 a.detach().float().sum(dim=-1), torch.ones((), device=a.device), atol=_ROW_SUM_TOL):
             return None, f"{name}'s attention modules do not hold ({tokens} x {tokens}) attention probabilities"
     tolerance = _LOGITS_TOL if engine.autocast is None else _LOGITS_TOL_HALF
-    last, logits = probe.layer_scores[-1].detach().float(), probe.logits.detach().float()
-    scale = float(logits.amax() - logits.amin()) or 1.0
-    if last.shape != logits.shape or float((last - logits).abs().max()) > tolerance * scale:
-        return None, (f"the head of {name} is not its final norm, pooling and classifier on the last block's "
-                      "tokens, so the class score of a block cannot be told")
+    if scored is not None:  # legrad alone needs the head's reading of a block; chefer does not
+        last, logits = scored.layer_scores[-1].detach().float(), scored.logits.detach().float()
+        scale = float(logits.amax() - logits.amin()) or 1.0
+        if last.shape != logits.shape or float((last - logits).abs().max()) > tolerance * scale:
+            explainer.refused["legrad"] = head_refusal
     if torchvision:
         with torch.inference_mode(), torch.autocast(example.device.type, dtype=engine.autocast,
                                                     enabled=engine.autocast is not None):
@@ -557,4 +575,7 @@ def batch_pass(engine, explainer: AttentionExplainer | None, x: Tensor, job_meth
         return _EnginePass(engine, engine.forward(x))
     if explainer is None:
         raise ValueError(f"{'/'.join(ATTENTION_METHODS)} asked of a model without an attention explainer")
+    refused = [m for m in dict.fromkeys(job_methods) if m in explainer.refused]
+    if refused:
+        raise ValueError(f"{refused[0]} asked of a model that refuses it: {explainer.refused[refused[0]]}")
     return _SplitPass(engine, explainer, x, rows, layer_scores="legrad" in job_methods)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from handler.answers import AnswerWriter, Job, frame_size
-from handler.attention_cam import attention_explainer, batch_pass
+from handler.attention_cam import attention_explainer, attention_refusal, batch_pass
 from handler.cam import (
     CamEngine,
     Frames,
@@ -215,8 +215,9 @@ class Pipeline:
         self.label_index = LabelIndex(labels, config.model.num_classes)
         self.defaults = parse_defaults({k: getattr(config.defaults, k) for k in OPTION_NAMES}, self.label_index,
                                        config.model.num_classes, self.limits)
-        if self.defaults.cam_method in ATTENTION_METHODS and self.attention is None:
-            raise ValueError(f"handler config key 'cam_method': {self.attention_refusal}")
+        refusal = self._refusal(self.defaults.cam_method)
+        if refusal:
+            raise ValueError(f"handler config key 'cam_method': {refusal}")
         # Letterbox padding is the mean colour: zero after normalisation.
         fill = tuple(int(v) for v in np.round(np.asarray(config.input.mean) * 255))
         self.layout = InputLayout(tuple(config.input.input_size), config.input.resize, config.input.interpolation, fill)
@@ -328,9 +329,10 @@ class Pipeline:
                 source = open_image(request.image_bytes, self.limits)  # header and limits only
                 options = parse_options(request.options, self.defaults, self.label_index,
                                         self.config.model.num_classes, self.limits)
-                if options.cam_method in ATTENTION_METHODS and self.attention is None:
+                refusal = self._refusal(options.cam_method)
+                if refusal:
                     raise InvalidOption(f"cam_method {options.cam_method!r} does not apply to this model: "
-                                        f"{self.attention_refusal}", "cam_method")
+                                        f"{refusal}", "cam_method")
                 pending.append((idx, source, options))
             except HandlerError as err:
                 answers[idx] = self._fail(idx, err, size)
@@ -410,6 +412,12 @@ class Pipeline:
                 f"response of {len(text)} bytes exceeds the {self.config.limits.max_response_bytes}-byte "
                 "limit; ask for fewer cam_classes or output forms", field="outputs"), batch_size)
         return Answer(200, text)
+
+    def _refusal(self, method: str) -> str:
+        """Why this model cannot serve ``method`` ("" when it can)."""
+        if method not in ATTENTION_METHODS:
+            return ""
+        return attention_refusal(self.attention, self.attention_refusal, method)
 
     def reject(self, err: HandlerError) -> Answer:
         """The answer to a request refused before it reached a batch (logged and counted)."""

@@ -105,6 +105,38 @@ def test_legrad_block_scores_are_the_heads_reading_of_each_block():
     assert explainer.forward(engine, x).layer_scores is None  # only a pass with legrad rows makes them
 
 
+class _Tempered(VisionTransformer):
+    """A temperature after the head: its last block's score is no longer its logit."""
+
+    def forward(self, x):
+        return super().forward(x) / 2
+
+
+def test_a_vit_whose_forward_is_not_its_head_on_the_last_block_keeps_chefer_and_refuses_legrad(tmp_path):
+    torch.manual_seed(0)
+    model = randomize(_Tempered(**TINY).eval(), (SIZE, SIZE))
+    explainer, why = attention_explainer(_engine(model))
+    assert explainer is not None, why
+    assert list(explainer.refused) == ["legrad"]
+    assert "the head of _Tempered is not its final norm, pooling and classifier" in explainer.refused["legrad"]
+    # Through the pipeline: chefer answers, legrad gets a 400 that says why.
+    import sys
+
+    module = tmp_path / "tempered.py"
+    module.write_text("from timm.models.vision_transformer import VisionTransformer\n\n\n"
+                      "class Tempered(VisionTransformer):\n"
+                      "    def forward(self, x):\n"
+                      "        return super().forward(x) / 2\n")
+    kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    sys.modules.pop("tempered", None)
+    pipeline = _pipeline(tmp_path / "tempered_vit", f"{module}:Tempered", model, kwargs)
+    chefer, legrad = pipeline.run([RawRequest(_png(0), {"cam_method": m}, "json") for m in ("chefer", "legrad")])
+    assert chefer.status == 200, chefer.text
+    body = json.loads(legrad.text)
+    assert legrad.status == 400 and body["field"] == "cam_method"
+    assert "cam_method 'legrad' does not apply to this model: the head of Tempered" in body["message"]
+
+
 def test_the_batch_split_keeps_fused_attention_for_the_other_rows(monkeypatch):
     model = _model("vit")
     engine = _engine(model)
