@@ -7,6 +7,7 @@ as the target. Archive-only, eager, in this process (``archive.main``) unless th
 
 from __future__ import annotations
 
+import json
 import logging
 import zipfile
 
@@ -206,3 +207,24 @@ def test_coat_and_crossvit_archive_without_flags(tmp_path, caplog, source, layer
     assert config["num_classes"] == 1000 and config["target_layer"] == layer
     assert (config["layout"], config["prefix_tokens"], config["grid"]) == (layout.kind, layout.prefix,
                                                                           list(layout.grid))
+
+
+# --------------------------------------------------------------------------- default attention method
+
+
+def test_a_default_attention_method_the_model_refuses_stops_the_archiver(tmp_path, caplog, weights):
+    """--cam-method legrad on a CNN: refused when archiving, with the reason the server would give,
+    instead of an archive whose workers fail to load. On a ViT it archives."""
+    code, errors, _ = _archive(tmp_path, caplog, "--model", "torchvision:resnet18", "--cam-method", "legrad",
+                               "--weights", str(weights["resnet18"]), "--input-size", "64")
+    assert code == 2 and not (tmp_path / "m.mar").exists()
+    assert "--cam-method legrad does not apply to this model: chefer/legrad explain a transformer" in errors
+    assert "ResNet has no timm ViT/Eva or torchvision ViT attention blocks" in errors
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    vit = _save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **kwargs),
+                tmp_path / "vit.pt")
+    code, errors, config = _archive(tmp_path, caplog, "--model", "timm:vit_tiny_patch16_224", "--cam-method",
+                                    "legrad", "--model-kwargs", json.dumps(kwargs), "--weights", vit)
+    assert code == 0, errors
+    assert config["cam_method"] == "legrad"

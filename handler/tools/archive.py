@@ -289,6 +289,16 @@ def dry_run(model, config):
             f"'{name}' ({layout.describe()}) gives a constant Grad-CAM map for two random images, so its "
             f"maps show nothing; {_usable_layers(model, config, name)}"
         )
+    from handler.vocab import ATTENTION_METHODS
+
+    method = config.defaults.cam_method
+    if method in ATTENTION_METHODS:  # the default method must be one the model can serve
+        from handler.attention_cam import attention_explainer, attention_refusal
+
+        explainer, why = attention_explainer(engine)
+        refusal = attention_refusal(explainer, why, method)
+        if refusal:
+            raise ArchiveError(f"--cam-method {method} does not apply to this model: {refusal}")
     return name, layout
 
 
