@@ -218,7 +218,8 @@ class AttentionPass:
         # The common case (one target per image, in row order) needs no gather of the gradients.
         in_order = total == 1 and host_rows == list(range(n))
         pick = None if in_order else (device_index(rounds, device), device_index(host_rows, device))
-        out = torch.empty((count, *plan.grid), device=device, dtype=dtype)
+        single = len(set(methods)) == 1
+        out = None if single else torch.empty((count, *plan.grid), device=device, dtype=dtype)
         # Each method's targets in one go; a target another method asked for is seeded too (its
         # gradient is dropped), so that rounds and seeds stay those of the whole request.
         for method in dict.fromkeys(methods):
@@ -229,7 +230,7 @@ class AttentionPass:
                 maps = chefer_maps(attentions, grads, torch.tensor(plan.readout), plan.prefix, plan.grid)
             else:
                 maps = self._legrad(seed, pick)
-            if len(set(methods)) == 1:
+            if single:
                 return maps.to(dtype)
             out[at] = maps[at].to(dtype)
         return out
@@ -415,6 +416,13 @@ def _torchvision_modules(model: nn.Module, name: str) -> tuple[list[str], list[s
     return names, block_names, ""
 
 
+def _same_logits(got: Tensor, want: Tensor, tolerance: float) -> bool:
+    """``got`` equals ``want`` within ``tolerance`` of ``want``'s range (same shape)."""
+    got, want = got.detach().float(), want.detach().float()
+    scale = float(want.amax() - want.amin()) or 1.0
+    return got.shape == want.shape and float((got - want).abs().max()) <= tolerance * scale
+
+
 def attention_refusal(explainer: AttentionExplainer | None, why: str, method: str) -> str:
     """Why ``method`` (an attention method) cannot be served, or "" when it can: ``why`` where
     the model has no explainer (what :func:`attention_explainer` returned), else the explainer's
@@ -422,7 +430,8 @@ def attention_refusal(explainer: AttentionExplainer | None, why: str, method: st
     return why if explainer is None else explainer.refused.get(method, "")
 
 
-def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[AttentionExplainer | None, str]:
+def attention_explainer(engine, batched_targets: bool | None = None,
+                        legrad_blocks: int = LEGRAD_BLOCKS) -> tuple[AttentionExplainer | None, str]:
     """The attention explainer of an engine's model, or None and why the model has none. A model
     whose head is not its final norm, pooling and classifier on the last block's tokens keeps
     ``chefer`` and refuses ``legrad`` (:attr:`AttentionExplainer.refused`).
@@ -433,6 +442,13 @@ def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[At
     matrix, that the head applied to the last block's output gives the logits (so each block's
     class score is the head's), and on torchvision's that the explicit attention path gives the
     model's own logits.
+
+    Args:
+        engine: the serving :class:`handler.cam.CamEngine`.
+        batched_targets: one vmapped gradient pass for several classes per image (the engine's
+            setting by default).
+        legrad_blocks: how many last blocks legrad sums (:data:`LEGRAD_BLOCKS`; the benchmark's
+            ablation passes every block).
     """
     model = eager_module(engine.model)
     name = type(model).__name__
@@ -453,7 +469,7 @@ def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[At
     if readout is None:
         return None, f"{name}: {why}"
     plan = _Plan(tuple(names), prefix, (int(grid[0]), int(grid[1])), readout,
-                 "torchvision" if torchvision else "timm", tuple(block_names[-LEGRAD_BLOCKS:]))
+                 "torchvision" if torchvision else "timm", tuple(block_names[-legrad_blocks:]))
     explainer = AttentionExplainer(plan, engine.batched_targets if batched_targets is None else batched_targets)
     example = engine.example()
     if torchvision:  # a seeded non-constant input: zeros would make every patch token alike
@@ -476,17 +492,13 @@ def attention_explainer(engine, batched_targets: bool | None = None) -> tuple[At
             return None, f"{name}'s attention modules do not hold ({tokens} x {tokens}) attention probabilities"
     tolerance = _LOGITS_TOL if engine.autocast is None else _LOGITS_TOL_HALF
     if scored is not None:  # legrad alone needs the head's reading of a block; chefer does not
-        last, logits = scored.layer_scores[-1].detach().float(), scored.logits.detach().float()
-        scale = float(logits.amax() - logits.amin()) or 1.0
-        if last.shape != logits.shape or float((last - logits).abs().max()) > tolerance * scale:
+        if not _same_logits(scored.layer_scores[-1], scored.logits, tolerance):
             explainer.refused["legrad"] = head_refusal
     if torchvision:
         with torch.inference_mode(), torch.autocast(example.device.type, dtype=engine.autocast,
                                                     enabled=engine.autocast is not None):
-            own = model(example).float()
-        got = probe.logits.detach().float()
-        scale = float(own.amax() - own.amin()) or 1.0
-        if got.shape != own.shape or float((got - own).abs().max()) > tolerance * scale:
+            own = model(example)
+        if not _same_logits(probe.logits, own, tolerance):
             return None, (f"{name}'s encoder layers do not use their nn.MultiheadAttention as torchvision's "
                           "EncoderBlock does: the explicit attention path changes the logits")
     return explainer, ""

@@ -49,7 +49,6 @@ import torch
 from devkit.faithfulness import deletion_auc, explanation_maps, pointing_game, random_maps
 from devkit.synthetic import MEAN, STD, accuracy, make_set, single_thread, small_cnn, small_vit, train
 from devkit.vit_twins import torchvision_twin
-from handler import attention_cam
 from handler.attention_cam import attention_explainer, batch_pass
 from handler.cam import CamEngine
 from handler.config import HostSection
@@ -90,13 +89,7 @@ def _trained(name: str, build, data, epochs: int, lr: float, args) -> tuple[torc
 def _every_block_explainer(engine):
     """An explainer whose legrad sums every block (the paper's wording) instead of the last
     ``LEGRAD_BLOCKS`` (the authors' released default, which the product serves)."""
-    depth = len(engine.model.blocks)
-    kept = attention_cam.LEGRAD_BLOCKS
-    attention_cam.LEGRAD_BLOCKS = depth
-    try:
-        explainer, _ = attention_explainer(engine)
-    finally:
-        attention_cam.LEGRAD_BLOCKS = kept
+    explainer, _ = attention_explainer(engine, legrad_blocks=len(engine.model.blocks))
     return explainer
 
 
